@@ -1,0 +1,145 @@
+"""Disk backend: one directory per tenant/task, one safetensors file per version, JSON metadata.
+
+Every file is written atomically (temp file, fsync, rename), so a crash never leaves a half-written
+version or task record behind. This is the embedded default and the durable mirror behind Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import safetensors.torch
+
+from prompt_store.errors import TaskNotFound, VersionNotFound
+from prompt_store.formats import PROMPT_KEY
+from prompt_store.prompt import SoftPrompt
+from prompt_store.records import TaskMetadata, TaskRecord, VersionInfo, is_valid_task_id
+
+TASK_FILE = "task.json"
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class DiskStore:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+
+    def _task_dir(self, tenant: str, task_id: str) -> Path:
+        if not is_valid_task_id(tenant) or not is_valid_task_id(task_id):
+            raise TaskNotFound(task_id)
+        return self.root / tenant / task_id
+
+    def _version_path(self, tenant: str, task_id: str, version: int) -> Path:
+        return self._task_dir(tenant, task_id) / f"v{version}.safetensors"
+
+    def _write_record(self, record: TaskRecord) -> None:
+        path = self._task_dir(record.tenant, record.task_id) / TASK_FILE
+        write_atomically(path, record.model_dump_json(indent=2).encode())
+
+    def get_task(self, tenant: str, task_id: str) -> TaskRecord:
+        path = self._task_dir(tenant, task_id) / TASK_FILE
+        try:
+            return TaskRecord.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            raise TaskNotFound(task_id) from None
+
+    def list_tasks(self, tenant: str) -> list[TaskRecord]:
+        if not is_valid_task_id(tenant):
+            return []
+        records = []
+        for path in sorted((self.root / tenant).glob(f"*/{TASK_FILE}")):
+            try:
+                records.append(TaskRecord.model_validate_json(path.read_bytes()))
+            except FileNotFoundError:  # deleted while listing
+                continue
+        return records
+
+    def list_tenants(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and is_valid_task_id(p.name))
+
+    def add_version(
+        self,
+        tenant: str,
+        task_id: str,
+        prompt: SoftPrompt,
+        metadata: TaskMetadata | None = None,
+        activate: bool = True,
+        model: str = "",
+    ) -> TaskRecord:
+        with self._lock:
+            try:
+                record = self.get_task(tenant, task_id)
+            except TaskNotFound:
+                record = TaskRecord(tenant=tenant, task_id=task_id)
+            info = VersionInfo(
+                version=record.next_version,
+                length=prompt.length,
+                d_model=prompt.d_model,
+                sha256=prompt.sha256,
+                model=model,
+            )
+            self.write_prompt(tenant, task_id, info.version, prompt)
+            record = record.with_new_version(info, metadata, activate)
+            self._write_record(record)
+            return record
+
+    def write_prompt(self, tenant: str, task_id: str, version: int, prompt: SoftPrompt) -> None:
+        data = safetensors.torch.save({PROMPT_KEY: prompt.embeddings}, metadata={"sha256": prompt.sha256})
+        write_atomically(self._version_path(tenant, task_id, version), data)
+
+    def put_record(self, record: TaskRecord) -> None:
+        """Writes a whole record as given (used when mirroring another backend)."""
+        with self._lock:
+            self._write_record(record)
+
+    def load_prompt(self, tenant: str, task_id: str, version: int) -> SoftPrompt:
+        path = self._version_path(tenant, task_id, version)
+        try:
+            tensors = safetensors.torch.load_file(path)
+        except FileNotFoundError:
+            self.get_task(tenant, task_id)
+            raise VersionNotFound(task_id, version) from None
+        return SoftPrompt(tensors[PROMPT_KEY])
+
+    def activate(self, tenant: str, task_id: str, version: int) -> TaskRecord:
+        with self._lock:
+            record = self.get_task(tenant, task_id)
+            if record.version_info(version) is None:
+                raise VersionNotFound(task_id, version)
+            record = record.model_copy(update={"active_version": version, "updated_at": time.time()})
+            self._write_record(record)
+            return record
+
+    def delete_task(self, tenant: str, task_id: str) -> None:
+        with self._lock:
+            task_dir = self._task_dir(tenant, task_id)
+            if not (task_dir / TASK_FILE).exists():
+                raise TaskNotFound(task_id)
+            # Rename first so readers never see a half-deleted task, then remove at leisure.
+            graveyard = task_dir.with_name(f".deleted-{task_id}-{time.time_ns()}")
+            os.replace(task_dir, graveyard)
+            shutil.rmtree(graveyard, ignore_errors=True)

@@ -1,0 +1,11 @@
+"""The HTTP API (api.md): routes, error mapping and dependencies. The only FastAPI-aware package."""
+
+from fastapi import APIRouter
+
+from server.api import inference, operations, prompts
+
+api_router = APIRouter()
+for module in (inference, prompts, operations):
+    api_router.include_router(module.router)
+
+__all__ = ["api_router"]

@@ -1,0 +1,61 @@
+"""`/health`, `/ready`, `/metrics`, `/v1/info`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server.api.deps import caller, runtime
+from server.auth import Caller
+from server.runtime import Runtime
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    lifecycle = request.app.state.lifecycle
+    body: dict[str, Any] = {"status": lifecycle.phase}
+    if lifecycle.reason:
+        body["reason"] = lifecycle.reason
+    status = 200 if lifecycle.phase == "ready" else 503
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.lifecycle.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/info")
+async def info(who: Annotated[Caller, Depends(caller)], rt: Annotated[Runtime, Depends(runtime)]) -> dict[str, Any]:
+    s = rt.settings
+    return {
+        "model": rt.model.model_id,
+        "d_model": rt.model.d_model,
+        "dtype": str(rt.model.dtype).removeprefix("torch."),
+        "device": str(rt.model.device),
+        "store": s.store,
+        "tenant": who.tenant,
+        "limits": {
+            "max_batch_size": s.max_batch_size,
+            "max_batch_tokens": s.max_batch_tokens,
+            "max_wait_ms": s.max_wait_ms,
+            "max_queue_size": s.max_queue_size,
+            "max_prompt_length": s.max_prompt_length,
+            "max_input_tokens": s.max_input_tokens,
+            "max_new_tokens": s.max_new_tokens,
+            "max_inputs_per_request": s.max_inputs_per_request,
+            "max_body_bytes": s.max_body_bytes,
+            "request_timeout_s": s.request_timeout_s,
+        },
+    }

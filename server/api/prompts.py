@@ -1,0 +1,101 @@
+"""`/v1/prompts...`: upload, list, read, download, activate, delete."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, Path, Query, Response, UploadFile
+from pydantic import ValidationError
+
+from prompt_store import TASK_ID_PATTERN, PromptFormat, dump_prompt, load_prompt_bytes, validate_prompt
+from server.api.deps import caller, runtime
+from server.auth import Caller
+from server.errors import InvalidInput
+from server.runtime import Runtime
+from server.schemas import ActivateRequest, PromptList, PromptSummary, TaskView, UploadMetadata, UploadResponse
+
+router = APIRouter(prefix="/v1/prompts", tags=["prompts"])
+
+TaskId = Annotated[str, Path(pattern=TASK_ID_PATTERN)]
+Who = Annotated[Caller, Depends(caller)]
+Rt = Annotated[Runtime, Depends(runtime)]
+
+MEDIA_TYPES = {
+    PromptFormat.SAFETENSORS: ("application/octet-stream", "safetensors"),
+    PromptFormat.NPY: ("application/octet-stream", "npy"),
+    PromptFormat.PEFT: ("application/zip", "zip"),
+}
+
+
+def _parse_metadata(raw: str | None) -> UploadMetadata:
+    if raw is None or not raw.strip():
+        return UploadMetadata()
+    try:
+        return UploadMetadata.model_validate_json(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ())) or "metadata"
+        raise InvalidInput(f"metadata is invalid: {where}: {first.get('msg')}") from None
+
+
+@router.put("/{task_id}", status_code=201, response_model=UploadResponse)
+async def upload_prompt(
+    task_id: TaskId,
+    who: Who,
+    rt: Rt,
+    file: Annotated[UploadFile, File(description="safetensors, .npy, or a PEFT adapter (zip/tar)")],
+    metadata: Annotated[str | None, Form(description="JSON: labels, description, input_template, ...")] = None,
+) -> UploadResponse:
+    meta = _parse_metadata(metadata)
+    data = await file.read()
+    tensor = await asyncio.to_thread(load_prompt_bytes, data)
+    prompt = validate_prompt(tensor, rt.model.d_model, rt.settings.max_prompt_length)
+    record = await rt.registry.add_version(
+        who.tenant, task_id, prompt, meta.task_metadata(), meta.activate, rt.model.model_id
+    )
+    version = record.versions[-1]
+    return UploadResponse(
+        task_id=task_id,
+        version=version.version,
+        length=version.length,
+        d_model=version.d_model,
+        sha256=version.sha256,
+        active=record.active_version == version.version,
+    )
+
+
+@router.get("", response_model=PromptList)
+async def list_prompts(who: Who, rt: Rt) -> PromptList:
+    return PromptList(prompts=[PromptSummary.of(r) for r in await rt.registry.list_tasks(who.tenant)])
+
+
+@router.get("/{task_id}", response_model=TaskView)
+async def get_prompt(task_id: TaskId, who: Who, rt: Rt) -> TaskView:
+    return TaskView.of(await rt.registry.task(who.tenant, task_id))
+
+
+@router.get("/{task_id}/versions/{version}", response_class=Response)
+async def download_prompt(
+    task_id: TaskId,
+    version: Annotated[int, Path(ge=1)],
+    who: Who,
+    rt: Rt,
+    format: Annotated[PromptFormat, Query()] = PromptFormat.SAFETENSORS,
+) -> Response:
+    prompt = await rt.registry.load_prompt(who.tenant, task_id, version)
+    data = await asyncio.to_thread(dump_prompt, prompt.embeddings, format, rt.model.model_id)
+    media_type, extension = MEDIA_TYPES[format]
+    filename = f"{task_id}-v{version}.{extension}"
+    return Response(data, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+@router.post("/{task_id}/activate", response_model=TaskView)
+async def activate_prompt(task_id: TaskId, body: ActivateRequest, who: Who, rt: Rt) -> TaskView:
+    return TaskView.of(await rt.registry.activate(who.tenant, task_id, body.version))
+
+
+@router.delete("/{task_id}", status_code=204, response_class=Response)
+async def delete_prompt(task_id: TaskId, who: Who, rt: Rt) -> Response:
+    await rt.registry.delete(who.tenant, task_id)
+    return Response(status_code=204)

@@ -1,0 +1,185 @@
+"""`MixedTaskBatcher`: gathers rows of any tasks into batches and runs them on one model thread.
+
+Each submitted row gets a future. One background task fills a batch until `max_batch_size` rows or
+`max_batch_tokens` tokens, or until `max_wait_ms` has passed since it began waiting, then hands the
+batch to a single worker thread (the only thread that touches the model) and resolves the futures.
+Rows are taken round-robin across tenants, so one tenant's flood cannot starve another.
+The batcher knows nothing about models: it runs any `run_batch(payloads) -> results` callable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from server.errors import InferenceFailed, Overloaded
+
+log = logging.getLogger(__name__)
+
+P = TypeVar("P")
+
+
+class BatchObserver(Protocol):
+    def queue_wait(self, seconds: float) -> None: ...
+    def queue_depth(self, rows: int) -> None: ...
+    def dropped(self, rows: int) -> None: ...
+
+
+class _NoObserver:
+    def queue_wait(self, seconds: float) -> None:
+        pass
+
+    def queue_depth(self, rows: int) -> None:
+        pass
+
+    def dropped(self, rows: int) -> None:
+        pass
+
+
+@dataclass
+class _Pending(Generic[P]):
+    payload: P
+    cost: int
+    future: asyncio.Future[Any]
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+
+class MixedTaskBatcher(Generic[P]):
+    def __init__(
+        self,
+        run_batch: Callable[[list[P]], Sequence[Any]],
+        *,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        max_wait_ms: float,
+        max_queue_size: int,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_ms / 1000
+        self.max_queue_size = max_queue_size
+        self._observer = observer or _NoObserver()
+        self._queues: OrderedDict[str, deque[_Pending[P]]] = OrderedDict()
+        self._depth = 0
+        self._queued_tokens = 0
+        self._has_work = asyncio.Event()
+        self._batch_full = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softserve-model")
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="softserve-batcher")
+
+    async def stop(self) -> None:
+        """Stops taking batches; rows still queued fail with `Overloaded`."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for queue in self._queues.values():
+            for item in queue:
+                if not item.future.done():
+                    item.future.set_exception(Overloaded("the server is shutting down"))
+        self._queues.clear()
+        self._depth = self._queued_tokens = 0
+        self._executor.shutdown(wait=True)
+
+    async def run_exclusive(self, fn: Callable[[], Any]) -> Any:
+        """Runs `fn` on the model thread, between batches (e.g. warm-up)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def submit(self, payloads: list[P], costs: list[int], tenant: str) -> list[asyncio.Future[Any]]:
+        """Queues rows (all or none) and returns one future per row, in order."""
+        if self._depth + len(payloads) > self.max_queue_size:
+            raise Overloaded(f"the request queue is full ({self.max_queue_size} rows); retry shortly")
+        loop = asyncio.get_running_loop()
+        queue = self._queues.setdefault(tenant, deque())
+        futures = []
+        for payload, cost in zip(payloads, costs, strict=True):
+            item = _Pending(payload, cost, loop.create_future())
+            queue.append(item)
+            futures.append(item.future)
+        self._depth += len(payloads)
+        self._queued_tokens += sum(costs)
+        self._observer.queue_depth(self._depth)
+        self._has_work.set()
+        if self._depth >= self.max_batch_size or self._queued_tokens >= self.max_batch_tokens:
+            self._batch_full.set()
+        return futures
+
+    async def _loop(self) -> None:
+        while True:
+            await self._has_work.wait()
+            await self._wait_for_fill()
+            batch = self._take_batch()
+            if batch:
+                await self._execute(batch)
+
+    async def _wait_for_fill(self) -> None:
+        if self._batch_full.is_set() or self.max_wait_s <= 0:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._batch_full.wait(), self.max_wait_s)
+
+    def _take_batch(self) -> list[_Pending[P]]:
+        """Takes rows round-robin across tenants up to the batch limits; drops cancelled rows."""
+        batch: list[_Pending[P]] = []
+        tokens = dropped = 0
+        while self._queues and len(batch) < self.max_batch_size:
+            tenant, queue = next(iter(self._queues.items()))
+            item = queue[0]
+            if item.future.done():
+                dropped += 1
+            elif batch and tokens + item.cost > self.max_batch_tokens:
+                break
+            else:
+                batch.append(item)
+                tokens += item.cost
+            queue.popleft()
+            self._depth -= 1
+            self._queued_tokens -= item.cost
+            del self._queues[tenant]
+            if queue:
+                self._queues[tenant] = queue  # to the back of the round
+        if dropped:
+            self._observer.dropped(dropped)
+        if self._depth < self.max_batch_size and self._queued_tokens < self.max_batch_tokens:
+            self._batch_full.clear()
+        if not self._queues:
+            self._has_work.clear()
+        self._observer.queue_depth(self._depth)
+        return batch
+
+    async def _execute(self, batch: list[_Pending[P]]) -> None:
+        now = time.perf_counter()
+        for item in batch:
+            self._observer.queue_wait(now - item.enqueued_at)
+        payloads = [item.payload for item in batch]
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, self._run_batch, payloads)
+            if len(results) != len(batch):
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} rows")
+        except Exception as error:
+            log.exception("batch of %d rows failed", len(batch))
+            results = [InferenceFailed(f"inference failed for this batch: {type(error).__name__}")] * len(batch)
+        for item, result in zip(batch, results, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(result, BaseException):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)

@@ -1,0 +1,37 @@
+"""Domain errors of the serving side. The API maps them (and the registry's) to HTTP in one place."""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Base class: the message is written for the client."""
+
+
+class InvalidInput(ServingError):
+    """A field is well-formed JSON but not acceptable (too long, over a cap, no labels...)."""
+
+
+class Overloaded(ServingError):
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class NotReady(ServingError):
+    """The server is starting, draining or otherwise unable to serve."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(ServingError):
+    pass
+
+
+class Unauthorized(ServingError):
+    pass
+
+
+class InferenceFailed(ServingError):
+    """The model call for a batch failed; every request of that batch gets this."""

@@ -1,0 +1,84 @@
+"""Prometheus metrics. Never labelled by task, job or request id (unbounded cardinality)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServerMetrics:
+    """Every metric of one server instance, on a registry of its own (tests run several apps)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "softserve_requests_total", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "softserve_request_duration_seconds",
+            "End-to-end request duration",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "softserve_queue_wait_seconds",
+            "Time a row waits in the batcher queue",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_duration = Histogram(
+            "softserve_inference_duration_seconds",
+            "Model time per batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram("softserve_batch_size", "Rows per batch", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_tasks = Histogram(
+            "softserve_batch_tasks", "Distinct tasks per batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth_rows = Gauge("softserve_queue_depth", "Rows waiting in the batcher queue", registry=r)
+        self.rejections = Counter(
+            "softserve_rejections_total", "Requests refused before inference, by reason", ["reason"], registry=r
+        )
+        self.dropped_rows = Counter(
+            "softserve_dropped_rows_total",
+            "Queued rows dropped before inference (client gone or deadline)",
+            registry=r,
+        )
+        self.batch_failures = Counter("softserve_batch_failures_total", "Model calls that raised", registry=r)
+        self.cache_hits = Counter("softserve_prompt_cache_hits_total", "Device prompt cache hits", registry=r)
+        self.cache_misses = Counter("softserve_prompt_cache_misses_total", "Device prompt cache misses", registry=r)
+        self.cache_evictions = Counter(
+            "softserve_prompt_cache_evictions_total", "Prompts evicted from the device cache", registry=r
+        )
+        self.cache_bytes = Gauge("softserve_prompt_cache_bytes", "Bytes of prompts on the device", registry=r)
+        self.cache_prompts = Gauge("softserve_prompt_cache_prompts", "Prompts on the device", registry=r)
+        self.prompt_loads = Counter(
+            "softserve_prompt_loads_total",
+            "Prompts loaded into the device cache, by source",
+            ["source"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class BatcherMetrics:
+    """Adapts `ServerMetrics` to the batcher's `BatchObserver` protocol."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._metrics = metrics
+
+    def queue_wait(self, seconds: float) -> None:
+        self._metrics.queue_wait.observe(seconds)
+
+    def queue_depth(self, rows: int) -> None:
+        self._metrics.queue_depth_rows.set(rows)
+
+    def dropped(self, rows: int) -> None:
+        self._metrics.dropped_rows.inc(rows)

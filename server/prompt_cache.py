@@ -1,0 +1,66 @@
+"""Device-side prompt cache: LRU by bytes, keyed by content so a stale copy is never served."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+
+import torch
+
+from server.metrics import ServerMetrics
+
+
+class DevicePromptCache:
+    def __init__(self, budget_bytes: int, metrics: ServerMetrics | None = None) -> None:
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._metrics = metrics
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable) -> torch.Tensor | None:
+        tensor = self._entries.get(key)
+        if tensor is not None:
+            self._entries.move_to_end(key)
+        if self._metrics is not None:
+            (self._metrics.cache_hits if tensor is not None else self._metrics.cache_misses).inc()
+        return tensor
+
+    def put(self, key: Hashable, tensor: torch.Tensor) -> None:
+        """Adds a prompt, evicting the least recently used ones beyond the budget.
+
+        A request in flight holds its own reference, so eviction never pulls a prompt from under it.
+        """
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return
+        self._entries[key] = tensor
+        self._bytes += _size(tensor)
+        evicted = 0
+        while self._bytes > self.budget_bytes and len(self._entries) > 1:
+            _, old = self._entries.popitem(last=False)
+            self._bytes -= _size(old)
+            evicted += 1
+        self._report(evicted)
+
+    def discard(self, predicate: callable) -> None:  # type: ignore[valid-type]
+        for key in [k for k in self._entries if predicate(k)]:
+            self._bytes -= _size(self._entries.pop(key))
+        self._report(0)
+
+    def _report(self, evicted: int) -> None:
+        if self._metrics is not None:
+            if evicted:
+                self._metrics.cache_evictions.inc(evicted)
+            self._metrics.cache_bytes.set(self._bytes)
+            self._metrics.cache_prompts.set(len(self._entries))
+
+
+def _size(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

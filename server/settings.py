@@ -1,0 +1,41 @@
+"""The one settings object: `SOFTSERVE_*` env vars and `softserve serve` flags are the same fields."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SOFTSERVE_", protected_namespaces=())
+
+    model: str = Field("tiny", description="hub id, local checkpoint dir, or `tiny`")
+    device: str = Field("auto", description="`auto`, `cpu`, `cuda[:N]`")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="`auto` is bfloat16 on CUDA, float32 on CPU"
+    )
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, description="bind port")
+    store: Literal["disk", "redis"] = Field("disk", description="prompt registry backend")
+    data_dir: Path = Field(Path("./data"), description="disk store and job records")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for `store=redis`")
+    max_batch_size: int = Field(32, ge=1, description="rows per model call")
+    max_batch_tokens: int = Field(16384, ge=1, description="prompt + input tokens per model call")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
+    max_queue_size: int = Field(1024, ge=1, description="rows waiting before 503")
+    prompt_cache_mb: float = Field(512.0, gt=0, description="device prompt cache budget")
+    api_keys_file: Path | None = Field(None, description="hashed API keys (default `<data dir>/api_keys.json`)")
+    max_prompt_length: int = Field(512, ge=1, description="longest accepted prompt (rows)")
+    max_input_tokens: int = Field(512, ge=1, description="longest accepted input, in tokens")
+    max_new_tokens: int = Field(256, ge=1, description="cap on `parameters.max_new_tokens`")
+    max_inputs_per_request: int = Field(64, ge=1, description="rows one request may carry")
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="request body limit")
+    request_timeout_s: float = Field(60.0, gt=0, description="per-request deadline (504 after it)")
+    warmup: bool = Field(True, description="run a warm-up batch before `/ready` turns 200")
+
+    @property
+    def keys_file(self) -> Path:
+        return self.api_keys_file or self.data_dir / "api_keys.json"
