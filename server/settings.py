@@ -39,3 +39,27 @@ class Settings(BaseSettings):
     @property
     def keys_file(self) -> Path:
         return self.api_keys_file or self.data_dir / "api_keys.json"
+
+
+def settings_table() -> str:
+    """The README's configuration table, generated from the fields (a test keeps the README current)."""
+    lines = ["| env var | flag | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.default if field.default is not None else ""
+        if isinstance(default, Path):
+            default = default.as_posix()
+        flag = "--" + name.replace("_", "-")
+        lines.append(f"| `SOFTSERVE_{name.upper()}` | `{flag}` | `{default}` | {field.description} |")
+    return "\n".join(lines)
+
+
+def write_readme_table(readme: Path = Path("README.md")) -> None:
+    start, end = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
+    text = readme.read_text()
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{settings_table()}\n{end}{tail}")
+
+
+if __name__ == "__main__":
+    write_readme_table()
