@@ -1,0 +1,181 @@
+"""Typed Python client for the softserve HTTP API, sync (`SoftserveClient`) and async (`AsyncSoftserveClient`).
+
+Both build the same `httpx.Request`s (`_Calls`) and read responses the same way (`_read`); only the
+sending differs. Errors come back as `SoftserveError` with the server's status, code and message.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+class SoftserveError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class _Calls:
+    """One method per API call, each returning the request to send."""
+
+    def __init__(self, base_url: str, api_key: str | None) -> None:
+        self._base = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def _make(self, method: str, path: str, **kwargs: Any) -> httpx.Request:
+        return httpx.Request(method, self._base + path, headers=self._headers, **kwargs)
+
+    def generate(self, task_id: str, inputs: str | list[str], version: int | None, **parameters: Any) -> httpx.Request:
+        body: dict[str, Any] = {"task_id": task_id, "inputs": inputs}
+        if version is not None:
+            body["version"] = version
+        if parameters:
+            body["parameters"] = parameters
+        return self._make("POST", "/v1/generate", json=body)
+
+    def classify(
+        self, task_id: str, inputs: str | list[str], labels: list[str] | None, length_normalize: bool
+    ) -> httpx.Request:
+        body: dict[str, Any] = {"task_id": task_id, "inputs": inputs, "length_normalize": length_normalize}
+        if labels is not None:
+            body["labels"] = labels
+        return self._make("POST", "/v1/classify", json=body)
+
+    def upload_prompt(self, task_id: str, data: bytes, metadata: dict[str, Any] | None) -> httpx.Request:
+        form = {"metadata": json.dumps(metadata)} if metadata else None
+        return self._make("PUT", f"/v1/prompts/{task_id}", files={"file": ("prompt", data)}, data=form)
+
+    def list_prompts(self) -> httpx.Request:
+        return self._make("GET", "/v1/prompts")
+
+    def get_prompt(self, task_id: str) -> httpx.Request:
+        return self._make("GET", f"/v1/prompts/{task_id}")
+
+    def download_prompt(self, task_id: str, version: int, fmt: str) -> httpx.Request:
+        return self._make("GET", f"/v1/prompts/{task_id}/versions/{version}", params={"format": fmt})
+
+    def activate(self, task_id: str, version: int) -> httpx.Request:
+        return self._make("POST", f"/v1/prompts/{task_id}/activate", json={"version": version})
+
+    def delete_prompt(self, task_id: str) -> httpx.Request:
+        return self._make("DELETE", f"/v1/prompts/{task_id}")
+
+    def info(self) -> httpx.Request:
+        return self._make("GET", "/v1/info")
+
+
+def _read(response: httpx.Response) -> Any:
+    if response.is_error:
+        try:
+            error = response.json()["error"]
+            raise SoftserveError(response.status_code, error["code"], error["message"])
+        except (ValueError, KeyError, TypeError):
+            raise SoftserveError(response.status_code, "http_error", response.text) from None
+    if response.status_code == 204:
+        return None
+    if response.headers.get("content-type", "").startswith("application/json"):
+        return response.json()
+    return response.content
+
+
+class SoftserveClient:
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60):
+        self._calls = _Calls(base_url, api_key)
+        self._http = httpx.Client(timeout=timeout)
+
+    def __enter__(self) -> SoftserveClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, request: httpx.Request) -> Any:
+        return _read(self._http.send(request))
+
+    def generate(self, task_id: str, inputs: str | list[str], version: int | None = None, **parameters: Any) -> dict:
+        return self._send(self._calls.generate(task_id, inputs, version, **parameters))
+
+    def classify(
+        self, task_id: str, inputs: str | list[str], labels: list[str] | None = None, length_normalize: bool = False
+    ) -> dict:
+        return self._send(self._calls.classify(task_id, inputs, labels, length_normalize))
+
+    def upload_prompt(self, task_id: str, file: bytes | str | Path, metadata: dict[str, Any] | None = None) -> dict:
+        data = file if isinstance(file, bytes) else Path(file).read_bytes()
+        return self._send(self._calls.upload_prompt(task_id, data, metadata))
+
+    def list_prompts(self) -> list[dict]:
+        return self._send(self._calls.list_prompts())["prompts"]
+
+    def get_prompt(self, task_id: str) -> dict:
+        return self._send(self._calls.get_prompt(task_id))
+
+    def download_prompt(self, task_id: str, version: int, fmt: str = "safetensors") -> bytes:
+        return self._send(self._calls.download_prompt(task_id, version, fmt))
+
+    def activate(self, task_id: str, version: int) -> dict:
+        return self._send(self._calls.activate(task_id, version))
+
+    def delete_prompt(self, task_id: str) -> None:
+        self._send(self._calls.delete_prompt(task_id))
+
+    def info(self) -> dict:
+        return self._send(self._calls.info())
+
+
+class AsyncSoftserveClient:
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60):
+        self._calls = _Calls(base_url, api_key)
+        self._http = httpx.AsyncClient(timeout=timeout)
+
+    async def __aenter__(self) -> AsyncSoftserveClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, request: httpx.Request) -> Any:
+        return _read(await self._http.send(request))
+
+    async def generate(
+        self, task_id: str, inputs: str | list[str], version: int | None = None, **parameters: Any
+    ) -> dict:
+        return await self._send(self._calls.generate(task_id, inputs, version, **parameters))
+
+    async def classify(
+        self, task_id: str, inputs: str | list[str], labels: list[str] | None = None, length_normalize: bool = False
+    ) -> dict:
+        return await self._send(self._calls.classify(task_id, inputs, labels, length_normalize))
+
+    async def upload_prompt(self, task_id: str, data: bytes, metadata: dict[str, Any] | None = None) -> dict:
+        return await self._send(self._calls.upload_prompt(task_id, data, metadata))
+
+    async def list_prompts(self) -> list[dict]:
+        return (await self._send(self._calls.list_prompts()))["prompts"]
+
+    async def get_prompt(self, task_id: str) -> dict:
+        return await self._send(self._calls.get_prompt(task_id))
+
+    async def download_prompt(self, task_id: str, version: int, fmt: str = "safetensors") -> bytes:
+        return await self._send(self._calls.download_prompt(task_id, version, fmt))
+
+    async def activate(self, task_id: str, version: int) -> dict:
+        return await self._send(self._calls.activate(task_id, version))
+
+    async def delete_prompt(self, task_id: str) -> None:
+        await self._send(self._calls.delete_prompt(task_id))
+
+    async def info(self) -> dict:
+        return await self._send(self._calls.info())
