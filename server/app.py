@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
 
+import uvicorn
 from fastapi import FastAPI
 
 from server.api import api_router
@@ -42,3 +46,36 @@ def create_app(settings: Settings | None = None, model: FrozenT5 | None = None) 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=lifecycle.metrics)
     return app
+
+
+log = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: `/ready` turns 503 at once, new work is still taken for `drain_delay_s` (so load
+    balancers see it), then uvicorn stops accepting and lets in-flight requests finish (`drain_timeout_s`)."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, drain_delay_s: float) -> None:
+        super().__init__(config)
+        self.lifecycle = lifecycle
+        self.drain_delay_s = drain_delay_s
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.lifecycle.phase == "draining":  # a second signal: stop now
+            super().handle_exit(sig, frame)
+            return
+        log.info("draining: /ready answers 503; closing in %.1f s", self.drain_delay_s)
+        self.lifecycle.phase = "draining"
+        threading.Timer(self.drain_delay_s, super().handle_exit, (sig, frame)).start()
+
+
+def serve(settings: Settings) -> None:
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=settings.drain_timeout_s,
+    )
+    DrainingServer(config, app.state.lifecycle, settings.drain_delay_s).run()

@@ -29,12 +29,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def serve(args: argparse.Namespace) -> None:
-    import uvicorn
+    from server.app import serve as run_server
 
-    from server.app import create_app
-
-    settings = settings_from(args)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    run_server(settings_from(args))
 
 
 def keys(args: argparse.Namespace) -> None:

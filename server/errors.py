@@ -35,3 +35,7 @@ class Unauthorized(ServingError):
 
 class InferenceFailed(ServingError):
     """The model call for a batch failed; every request of that batch gets this."""
+
+
+class ClientDisconnected(ServingError):
+    """The client went away; its rows are dropped and no response is sent."""

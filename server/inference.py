@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from server.batcher import MixedTaskBatcher
-from server.errors import DeadlineExceeded, InvalidInput
+from server.errors import ClientDisconnected, DeadlineExceeded, InvalidInput
 from server.model import Decoding, FrozenT5, Generation, Row
 from server.registry import PromptRegistry, ResolvedPrompt
 from server.runner import ClassifyWork, GenerateWork, Work
@@ -26,6 +27,8 @@ from server.schemas import (
 )
 from server.settings import Settings
 
+ClientGone = Callable[[], Awaitable[None]]
+
 
 class InferenceService:
     def __init__(
@@ -36,7 +39,9 @@ class InferenceService:
         self.batcher = batcher
         self.settings = settings
 
-    async def generate(self, tenant: str, request: GenerateRequest) -> GenerateResponse:
+    async def generate(
+        self, tenant: str, request: GenerateRequest, client_gone: ClientGone | None = None
+    ) -> GenerateResponse:
         resolved = await self.registry.resolve(tenant, request.task_id, request.version)
         params = self._parameters(resolved, request.parameters)
         decoding = Decoding(
@@ -49,13 +54,15 @@ class InferenceService:
         task = (tenant, request.task_id)
         rows = self._rows(resolved, request.inputs)
         works: list[Work] = [GenerateWork(row, task, decoding, params.max_new_tokens) for row in rows]
-        results: list[Generation] = await self._run(works, tenant)
+        results: list[Generation] = await self._run(works, tenant, client_gone)
         outputs = [
             GenerateOutput(text=g.text, num_tokens=len(g.token_ids), finish_reason=g.finish_reason) for g in results
         ]
         return GenerateResponse(task_id=request.task_id, prompt_version=resolved.version, outputs=outputs)
 
-    async def classify(self, tenant: str, request: ClassifyRequest) -> ClassifyResponse:
+    async def classify(
+        self, tenant: str, request: ClassifyRequest, client_gone: ClientGone | None = None
+    ) -> ClassifyResponse:
         resolved = await self.registry.resolve(tenant, request.task_id, request.version)
         labels = request.labels or resolved.task.metadata.labels
         if not labels:
@@ -66,7 +73,7 @@ class InferenceService:
         self._check_lengths(targets, "label")
         task = (tenant, request.task_id)
         works: list[Work] = [ClassifyWork(row, task, targets) for row in self._rows(resolved, request.inputs)]
-        results: list[list[float]] = await self._run(works, tenant)
+        results: list[list[float]] = await self._run(works, tenant, client_gone)
         if request.length_normalize:
             results = [[s / len(t) for s, t in zip(scores, targets, strict=True)] for scores in results]
         outputs = [_classify_output(labels, scores) for scores in results]
@@ -104,15 +111,30 @@ class InferenceService:
             if len(ids) > limit:
                 raise InvalidInput(f"{what} {i} has {len(ids)} tokens; the limit is {limit}")
 
-    async def _run(self, works: list[Work], tenant: str) -> list[Any]:
+    async def _run(self, works: list[Work], tenant: str, client_gone: ClientGone | None) -> list[Any]:
+        """Waits for the rows, the deadline, or the client leaving, whichever comes first.
+
+        Rows of a request that timed out or whose client left are dropped before they reach the model.
+        """
         futures = self.batcher.submit(works, [w.row.num_tokens for w in works], tenant)
+        results = asyncio.gather(*futures)
+        watchers: set[asyncio.Future[Any]] = {results}
+        gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
+        if gone is not None:
+            watchers.add(gone)
         try:
-            return await asyncio.wait_for(asyncio.gather(*futures), self.settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"the request did not finish within {self.settings.request_timeout_s:g} s") from None
+            done, _ = await asyncio.wait(
+                watchers, timeout=self.settings.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if results in done:
+                return results.result()
+            if gone is not None and gone in done:
+                raise ClientDisconnected("the client closed the connection")
+            raise DeadlineExceeded(f"the request did not finish within {self.settings.request_timeout_s:g} s")
         finally:
-            for future in futures:
-                future.cancel()  # no-op when done; drops rows still queued
+            if gone is not None:
+                gone.cancel()
+            results.cancel()  # cancels rows still queued; a no-op once done
 
 
 def _classify_output(labels: list[str], scores: list[float]) -> ClassifyOutput:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -22,11 +22,20 @@ class Settings(BaseSettings):
     store: Literal["disk", "redis"] = Field("disk", description="prompt registry backend")
     data_dir: Path = Field(Path("./data"), description="disk store and job records")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for `store=redis`")
+    redis_namespace: str = Field("softserve", description="prefix of every Redis key and of the change channel")
+    redis_timeout_s: float = Field(1.0, gt=0, description="Redis connect/read timeout; reads then use the disk mirror")
+    registry_reconcile_s: float = Field(
+        5.0, gt=0, description="how often a replica checks its cached tasks against Redis (pub/sub can lose notices)"
+    )
     max_batch_size: int = Field(32, ge=1, description="rows per model call")
     max_batch_tokens: int = Field(16384, ge=1, description="prompt + input tokens per model call")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
     max_queue_size: int = Field(1024, ge=1, description="rows waiting before 503")
     prompt_cache_mb: float = Field(512.0, gt=0, description="device prompt cache budget")
+    preload_tasks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated `tenant/task` (or `task` of tenant `default`): loaded at start, never evicted",
+    )
     api_keys_file: Path | None = Field(None, description="hashed API keys (default `<data dir>/api_keys.json`)")
     max_prompt_length: int = Field(512, ge=1, description="longest accepted prompt (rows)")
     max_input_tokens: int = Field(512, ge=1, description="longest accepted input, in tokens")
@@ -34,7 +43,16 @@ class Settings(BaseSettings):
     max_inputs_per_request: int = Field(64, ge=1, description="rows one request may carry")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="request body limit")
     request_timeout_s: float = Field(60.0, gt=0, description="per-request deadline (504 after it)")
+    drain_delay_s: float = Field(1.0, ge=0, description="after SIGTERM, /ready answers 503 this long before closing")
+    drain_timeout_s: float = Field(60.0, ge=0, description="after that, how long in-flight requests may take")
     warmup: bool = Field(True, description="run a warm-up batch before `/ready` turns 200")
+
+    @field_validator("preload_tasks", mode="before")
+    @classmethod
+    def _split_tasks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @property
     def keys_file(self) -> Path:

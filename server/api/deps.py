@@ -18,3 +18,9 @@ def runtime(request: Request) -> Runtime:
 
 def caller(request: Request) -> Caller:
     return request.app.state.lifecycle.api_keys.authenticate(request.headers.get("authorization"))
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -17,6 +17,7 @@ from prompt_store import (
     VersionNotFound,
 )
 from server.errors import (
+    ClientDisconnected,
     DeadlineExceeded,
     InferenceFailed,
     InvalidInput,
@@ -46,6 +47,7 @@ ERROR_TABLE: list[tuple[type[Exception], int, str, float | None]] = [
     (DeadlineExceeded, 504, "deadline_exceeded", None),
     (Unauthorized, 401, "unauthorized", None),
     (BodyTooLarge, 413, "body_too_large", None),
+    (ClientDisconnected, 499, "client_closed_request", None),
     (InferenceFailed, 500, "inference_failed", None),
 ]
 

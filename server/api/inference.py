@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
-from server.api.deps import caller, runtime
+from server.api.deps import caller, runtime, wait_for_disconnect
 from server.auth import Caller
 from server.runtime import Runtime
 from server.schemas import ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse
@@ -16,13 +16,19 @@ router = APIRouter(prefix="/v1", tags=["inference"])
 
 @router.post("/generate", response_model=GenerateResponse)
 async def generate(
-    body: GenerateRequest, who: Annotated[Caller, Depends(caller)], rt: Annotated[Runtime, Depends(runtime)]
+    body: GenerateRequest,
+    request: Request,
+    who: Annotated[Caller, Depends(caller)],
+    rt: Annotated[Runtime, Depends(runtime)],
 ) -> GenerateResponse:
-    return await rt.inference.generate(who.tenant, body)
+    return await rt.inference.generate(who.tenant, body, lambda: wait_for_disconnect(request))
 
 
 @router.post("/classify", response_model=ClassifyResponse)
 async def classify(
-    body: ClassifyRequest, who: Annotated[Caller, Depends(caller)], rt: Annotated[Runtime, Depends(runtime)]
+    body: ClassifyRequest,
+    request: Request,
+    who: Annotated[Caller, Depends(caller)],
+    rt: Annotated[Runtime, Depends(runtime)],
 ) -> ClassifyResponse:
-    return await rt.inference.classify(who.tenant, body)
+    return await rt.inference.classify(who.tenant, body, lambda: wait_for_disconnect(request))

@@ -22,11 +22,18 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
+    """200 "ready"; 200 "degraded" while Redis is down (this replica still serves from its cache and the
+    disk mirror, so a load balancer must keep it: 503 on every replica at once would turn a Redis outage
+    into a full one); 503 while starting, draining or failed."""
     lifecycle = request.app.state.lifecycle
-    body: dict[str, Any] = {"status": lifecycle.phase}
-    if lifecycle.reason:
-        body["reason"] = lifecycle.reason
-    status = 200 if lifecycle.phase == "ready" else 503
+    phase, reason = lifecycle.phase, lifecycle.reason
+    degraded = lifecycle.runtime.degraded() if phase == "ready" and lifecycle.runtime is not None else None
+    if degraded:
+        phase, reason = "degraded", degraded
+    body: dict[str, Any] = {"status": phase}
+    if reason:
+        body["reason"] = reason
+    status = 200 if phase in ("ready", "degraded") else 503
     headers = {"Retry-After": "1"} if status == 503 else None
     return JSONResponse(body, status_code=status, headers=headers)
 
