@@ -39,3 +39,11 @@ class InferenceFailed(ServingError):
 
 class ClientDisconnected(ServingError):
     """The client went away; its rows are dropped and no response is sent."""
+
+
+class RateLimited(ServingError):
+    """A tenant is over its rate limit or quota (429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

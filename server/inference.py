@@ -11,6 +11,7 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from server.admission import TenantRateLimits
 from server.batcher import MixedTaskBatcher
 from server.errors import ClientDisconnected, DeadlineExceeded, InvalidInput
 from server.model import Decoding, FrozenT5, Generation, Row
@@ -32,12 +33,20 @@ ClientGone = Callable[[], Awaitable[None]]
 
 class InferenceService:
     def __init__(
-        self, model: FrozenT5, registry: PromptRegistry, batcher: MixedTaskBatcher[Work], settings: Settings
+        self,
+        model: FrozenT5,
+        registry: PromptRegistry,
+        batcher: MixedTaskBatcher[Work],
+        settings: Settings,
+        rate_limits: TenantRateLimits | None = None,
     ) -> None:
         self.model = model
         self.registry = registry
         self.batcher = batcher
         self.settings = settings
+        self.rate_limits = rate_limits or TenantRateLimits(
+            settings.rate_limit_requests_per_s, settings.rate_limit_tokens_per_s
+        )
 
     async def generate(
         self, tenant: str, request: GenerateRequest, client_gone: ClientGone | None = None
@@ -116,6 +125,7 @@ class InferenceService:
 
         Rows of a request that timed out or whose client left are dropped before they reach the model.
         """
+        await self.rate_limits.admit(tenant, sum(len(w.row.input_ids) for w in works))
         futures = self.batcher.submit(works, [w.row.num_tokens for w in works], tenant)
         results = asyncio.gather(*futures)
         watchers: set[asyncio.Future[Any]] = {results}

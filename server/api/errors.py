@@ -23,6 +23,7 @@ from server.errors import (
     InvalidInput,
     NotReady,
     Overloaded,
+    RateLimited,
     Unauthorized,
 )
 
@@ -43,6 +44,7 @@ ERROR_TABLE: list[tuple[type[Exception], int, str, float | None]] = [
     (StoreUnavailable, 503, "store_unavailable", 1.0),
     (InvalidInput, 422, "invalid_input", None),
     (Overloaded, 503, "overloaded", 1.0),
+    (RateLimited, 429, "rate_limited", 1.0),
     (NotReady, 503, "not_ready", 1.0),
     (DeadlineExceeded, 504, "deadline_exceeded", None),
     (Unauthorized, 401, "unauthorized", None),
@@ -60,6 +62,7 @@ HTTP_CODES = {
     413: "body_too_large",
     415: "unsupported_format",
     422: "invalid_request",
+    429: "rate_limited",
 }
 
 
@@ -85,6 +88,8 @@ def install_error_handlers(app: FastAPI) -> None:
         def handler(
             request: Request, exc: Exception, status: int = status, code: str = code, retry: float | None = retry_after
         ) -> JSONResponse:
+            if status != 404:
+                request.app.state.lifecycle.metrics.rejections.labels(reason=code).inc()
             return error_response(status, code, str(exc), getattr(exc, "retry_after_s", retry))
 
         app.add_exception_handler(exc_type, handler)

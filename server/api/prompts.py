@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from prompt_store import TASK_ID_PATTERN, PromptFormat, dump_prompt, load_prompt_bytes, validate_prompt
 from server.api.deps import caller, runtime
 from server.auth import Caller
-from server.errors import InvalidInput
+from server.errors import InvalidInput, RateLimited
 from server.runtime import Runtime
 from server.schemas import ActivateRequest, PromptList, PromptSummary, TaskView, UploadMetadata, UploadResponse
 
@@ -48,6 +48,7 @@ async def upload_prompt(
     metadata: Annotated[str | None, Form(description="JSON: labels, description, input_template, ...")] = None,
 ) -> UploadResponse:
     meta = _parse_metadata(metadata)
+    await _check_task_quota(rt, who.tenant, task_id)
     data = await file.read()
     tensor = await asyncio.to_thread(load_prompt_bytes, data)
     prompt = validate_prompt(tensor, rt.model.d_model, rt.settings.max_prompt_length)
@@ -63,6 +64,15 @@ async def upload_prompt(
         sha256=version.sha256,
         active=record.active_version == version.version,
     )
+
+
+async def _check_task_quota(rt: Runtime, tenant: str, task_id: str) -> None:
+    limit = rt.settings.max_tasks_per_tenant
+    if not limit:
+        return
+    existing = {record.task_id for record in await rt.registry.list_tasks(tenant)}
+    if task_id not in existing and len(existing) >= limit:
+        raise RateLimited(f"this tenant's quota of {limit} tasks is used; delete a task first", retry_after_s=60)
 
 
 @router.get("", response_model=PromptList)

@@ -1,0 +1,50 @@
+"""Per-tenant rate limits (requests/s and tokens/s), on the `limits` library.
+
+Counters live in this process, or in Redis when the registry uses Redis, so replicas share them.
+If the limiter's storage fails, requests are let through: a rate limiter must not take serving down.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from limits import RateLimitItem, RateLimitItemPerSecond
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+
+from server.errors import RateLimited
+
+log = logging.getLogger(__name__)
+
+
+class TenantRateLimits:
+    def __init__(self, requests_per_s: int, tokens_per_s: int, redis_url: str | None = None) -> None:
+        storage: Storage = (
+            RedisStorage(redis_url, implementation="redispy", key_prefix="softserve:limits")
+            if redis_url
+            else MemoryStorage()
+        )
+        self._limiter = SlidingWindowCounterRateLimiter(storage)
+        self._limits: list[tuple[RateLimitItem, str, bool]] = []
+        if requests_per_s > 0:
+            self._limits.append((RateLimitItemPerSecond(requests_per_s), "requests", False))
+        if tokens_per_s > 0:
+            self._limits.append((RateLimitItemPerSecond(tokens_per_s), "tokens", True))
+
+    async def admit(self, tenant: str, tokens: int) -> None:
+        """Counts one request of `tokens` tokens for `tenant`, or raises `RateLimited` with a wait time."""
+        for item, what, by_tokens in self._limits:
+            cost = min(tokens, item.amount) if by_tokens else 1
+            try:
+                allowed = await self._limiter.hit(item, tenant, cost=cost)
+                if allowed:
+                    continue
+                stats = await self._limiter.get_window_stats(item, tenant)
+            except RateLimited:
+                raise
+            except Exception:  # storage down: fail open
+                log.warning("rate limiter storage failed; admitting the request", exc_info=True)
+                return
+            wait = max(1.0, stats.reset_time - time.time())
+            raise RateLimited(f"tenant rate limit of {item.amount} {what}/s reached; retry later", wait)

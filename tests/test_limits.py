@@ -1,0 +1,67 @@
+"""Per-tenant rate limits and quotas: 429 with Retry-After, other tenants unaffected."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from server.auth import ApiKeys
+from server.model import FrozenT5
+from server.settings import Settings
+from tests.serving import running_server
+
+
+def prompt_bytes(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.random.default_rng(seed).normal(size=(4, 64)).astype(np.float32))
+    return buffer.getvalue()
+
+
+def test_request_rate_limit_is_per_tenant(tmp_path: Path, tiny: FrozenT5) -> None:
+    settings = Settings(data_dir=tmp_path, rate_limit_requests_per_s=3)
+    keys = ApiKeys(settings.keys_file)
+    heavy, light = keys.add("heavy"), keys.add("light")
+    with running_server(settings, tiny) as url:
+        for key in (heavy, light):
+            auth = {"Authorization": f"Bearer {key}"}
+            assert httpx.put(f"{url}/v1/prompts/t", files={"file": ("p", prompt_bytes(0))}, headers=auth).is_success
+
+        def call(key: str) -> httpx.Response:
+            body = {"task_id": "t", "inputs": "x", "parameters": {"max_new_tokens": 1}}
+            return httpx.post(f"{url}/v1/generate", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+        with ThreadPoolExecutor(10) as pool:  # ten at once: well over 3/s however slow the machine
+            statuses = list(pool.map(call, [heavy] * 10))
+        limited = [r for r in statuses if r.status_code == 429]
+        assert limited, [r.status_code for r in statuses]
+        assert {r.status_code for r in statuses} <= {200, 429}
+        assert all(int(r.headers["Retry-After"]) >= 1 for r in limited)
+        assert limited[0].json()["error"]["code"] == "rate_limited"
+        assert call(light).status_code == 200  # another tenant's budget is its own
+        assert 'softserve_rejections_total{reason="rate_limited"}' in httpx.get(f"{url}/metrics").text
+
+
+def test_token_rate_limit_counts_input_tokens(tmp_path: Path, tiny: FrozenT5) -> None:
+    with running_server(Settings(data_dir=tmp_path, rate_limit_tokens_per_s=50), tiny) as url:
+        httpx.put(f"{url}/v1/prompts/t", files={"file": ("p", prompt_bytes(0))})
+        body = {"task_id": "t", "inputs": ["y" * 20] * 2, "parameters": {"max_new_tokens": 1}}  # 42 tokens
+        assert httpx.post(f"{url}/v1/generate", json=body, timeout=30).status_code == 200
+        assert httpx.post(f"{url}/v1/generate", json=body, timeout=30).status_code == 429
+
+
+def test_task_quota(tmp_path: Path, tiny: FrozenT5) -> None:
+    with running_server(Settings(data_dir=tmp_path, max_tasks_per_tenant=2), tiny) as url:
+
+        def put(task_id: str) -> httpx.Response:
+            return httpx.put(f"{url}/v1/prompts/{task_id}", files={"file": ("p", prompt_bytes(1))})
+
+        assert put("a").status_code == 201 and put("b").status_code == 201
+        refused = put("c")
+        assert refused.status_code == 429 and "quota" in refused.json()["error"]["message"]
+        assert "Retry-After" in refused.headers
+        assert put("a").status_code == 201  # a new version of a stored task is not a new task
+        assert [p["task_id"] for p in httpx.get(f"{url}/v1/prompts").json()["prompts"]] == ["a", "b"]
