@@ -8,11 +8,15 @@ neighbours. Rows of different tasks never need separate calls.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+import torch
+
+from server.errors import Overloaded
 from server.metrics import ServerMetrics
 from server.model import Decoding, FrozenT5, Generation, Row
 
@@ -31,6 +35,8 @@ class ClassifyWork:
     task: tuple[str, str]
     targets: list[list[int]]
 
+
+log = logging.getLogger(__name__)
 
 Work = GenerateWork | ClassifyWork
 Result = Generation | list[float] | Exception
@@ -61,13 +67,32 @@ class BatchRunner:
 
     def _run_group(self, works: list[Work], indices: list[int], results: list[Result | None]) -> None:
         try:
-            outputs = self._run(works)
+            outputs = self._run_splitting_on_oom(works)
         except Exception as error:  # the batcher turns this into a clear per-request error
             if self.metrics is not None:
                 self.metrics.batch_failures.inc()
             outputs = [error] * len(works)
         for i, output in zip(indices, outputs, strict=True):
             results[i] = output
+
+    def _run_splitting_on_oom(self, works: list[Work]) -> list[Result]:
+        """Out of device memory: split the group in two and retry each half once, then give up with 503."""
+        try:
+            return self._run(works)
+        except torch.cuda.OutOfMemoryError:
+            log.warning("out of memory on a group of %d rows; splitting it", len(works))
+            _release_cached_memory()
+        if len(works) == 1:
+            return [_out_of_memory()]
+        half = len(works) // 2
+        return self._run_or_give_up(works[:half]) + self._run_or_give_up(works[half:])
+
+    def _run_or_give_up(self, works: list[Work]) -> list[Result]:
+        try:
+            return self._run(works)
+        except torch.cuda.OutOfMemoryError:
+            _release_cached_memory()
+            return [_out_of_memory()] * len(works)
 
     def _run(self, works: list[Work]) -> list[Result]:
         rows = [work.row for work in works]
@@ -87,3 +112,12 @@ def _group_key(work: Work, index: int) -> Hashable:
     if decoding.do_sample and decoding.seed is not None:
         return ("seeded", index)
     return ("decode", decoding, work.max_new_tokens)
+
+
+def _out_of_memory() -> Overloaded:
+    return Overloaded("the model ran out of device memory for this request; retry with fewer or shorter inputs")
+
+
+def _release_cached_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
