@@ -33,6 +33,10 @@ class Unauthorized(ServingError):
     pass
 
 
+class Forbidden(ServingError):
+    """A valid key without the scope a route needs."""
+
+
 class InferenceFailed(ServingError):
     """The model call for a batch failed; every request of that batch gets this."""
 

@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     max_inputs_per_request: int = Field(64, ge=1, description="rows one request may carry")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="request body limit")
     request_timeout_s: float = Field(60.0, gt=0, description="per-request deadline (504 after it)")
+    metrics_require_key: bool = Field(False, description="`/metrics` answers only to admin keys")
     rate_limit_requests_per_s: int = Field(0, ge=0, description="per-tenant requests/s (0: no limit)")
     rate_limit_tokens_per_s: int = Field(0, ge=0, description="per-tenant input tokens/s (0: no limit)")
     max_tasks_per_tenant: int = Field(0, ge=0, description="tasks a tenant may store (0: no limit)")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from prompt_store import is_valid_task_id
 from server.auth import Caller
-from server.errors import NotReady
+from server.errors import Forbidden, InvalidInput, NotReady
 from server.runtime import Runtime
 
 
@@ -16,8 +17,27 @@ def runtime(request: Request) -> Runtime:
     return state.runtime
 
 
+ACT_AS_HEADER = "x-softserve-tenant"
+
+
 def caller(request: Request) -> Caller:
-    return request.app.state.lifecycle.api_keys.authenticate(request.headers.get("authorization"))
+    """The tenant is decided by the key; an admin key may act for another tenant with a header."""
+    who = request.app.state.lifecycle.api_keys.authenticate(request.headers.get("authorization"))
+    act_as = request.headers.get(ACT_AS_HEADER)
+    if act_as is None:
+        return who
+    if not who.admin:
+        raise Forbidden(f"only admin keys may send {ACT_AS_HEADER}")
+    if not is_valid_task_id(act_as):
+        raise InvalidInput(f"{ACT_AS_HEADER} is not a valid tenant name")
+    return Caller(act_as, admin=True)
+
+
+def admin(request: Request) -> Caller:
+    who = caller(request)
+    if not who.admin:
+        raise Forbidden("this route needs an admin key")
+    return who
 
 
 async def wait_for_disconnect(request: Request) -> None:

@@ -19,6 +19,7 @@ from prompt_store import (
 from server.errors import (
     ClientDisconnected,
     DeadlineExceeded,
+    Forbidden,
     InferenceFailed,
     InvalidInput,
     NotReady,
@@ -48,6 +49,7 @@ ERROR_TABLE: list[tuple[type[Exception], int, str, float | None]] = [
     (NotReady, 503, "not_ready", 1.0),
     (DeadlineExceeded, 504, "deadline_exceeded", None),
     (Unauthorized, 401, "unauthorized", None),
+    (Forbidden, 403, "forbidden", None),
     (BodyTooLarge, 413, "body_too_large", None),
     (ClientDisconnected, 499, "client_closed_request", None),
     (InferenceFailed, 500, "inference_failed", None),

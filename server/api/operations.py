@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.api.deps import caller, runtime
+from server.api.deps import admin, caller, runtime
 from server.auth import Caller
 from server.runtime import Runtime
 
@@ -40,7 +40,10 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    return Response(request.app.state.lifecycle.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    lifecycle = request.app.state.lifecycle
+    if lifecycle.settings.metrics_require_key:
+        admin(request)
+    return Response(lifecycle.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/info")
