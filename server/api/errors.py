@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,6 +28,7 @@ from server.errors import (
     RateLimited,
     Unauthorized,
 )
+from server.schemas import ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,17 @@ HTTP_CODES = {
     415: "unsupported_format",
     422: "invalid_request",
     429: "rate_limited",
+    403: "forbidden",
+    499: "client_closed_request",
+    500: "internal_error",
+    503: "unavailable",
+    504: "deadline_exceeded",
 }
+
+
+def documented_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries: every error has the same `{"error": {...}}` body."""
+    return {status: {"model": ErrorResponse, "description": HTTP_CODES.get(status, "error")} for status in statuses}
 
 
 def error_response(status: int, code: str, message: str, retry_after: float | None = None) -> JSONResponse:

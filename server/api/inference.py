@@ -7,11 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 
 from server.api.deps import caller, runtime, wait_for_disconnect
+from server.api.errors import documented_errors
 from server.auth import Caller
 from server.runtime import Runtime
 from server.schemas import ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse
 
-router = APIRouter(prefix="/v1", tags=["inference"])
+router = APIRouter(
+    prefix="/v1", tags=["inference"], responses=documented_errors(400, 401, 403, 404, 413, 422, 429, 500, 503, 504)
+)
 
 
 @router.post("/generate", response_model=GenerateResponse)

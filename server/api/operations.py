@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.api.deps import admin, caller, runtime
+from server.api.errors import documented_errors
 from server.auth import Caller
 from server.runtime import Runtime
 
@@ -20,7 +21,7 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses={503: {"description": "starting, draining or failed"}})
 async def ready(request: Request) -> JSONResponse:
     """200 "ready"; 200 "degraded" while Redis is down (this replica still serves from its cache and the
     disk mirror, so a load balancer must keep it: 503 on every replica at once would turn a Redis outage
@@ -38,7 +39,7 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, responses=documented_errors(401, 403))
 async def metrics(request: Request) -> Response:
     lifecycle = request.app.state.lifecycle
     if lifecycle.settings.metrics_require_key:
@@ -46,7 +47,7 @@ async def metrics(request: Request) -> Response:
     return Response(lifecycle.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/info")
+@router.get("/v1/info", responses=documented_errors(401, 403, 503))
 async def info(who: Annotated[Caller, Depends(caller)], rt: Annotated[Runtime, Depends(runtime)]) -> dict[str, Any]:
     s = rt.settings
     return {

@@ -10,12 +10,15 @@ from pydantic import ValidationError
 
 from prompt_store import TASK_ID_PATTERN, PromptFormat, dump_prompt, load_prompt_bytes, validate_prompt
 from server.api.deps import caller, runtime
+from server.api.errors import documented_errors
 from server.auth import Caller
 from server.errors import InvalidInput, RateLimited
 from server.runtime import Runtime
 from server.schemas import ActivateRequest, PromptList, PromptSummary, TaskView, UploadMetadata, UploadResponse
 
-router = APIRouter(prefix="/v1/prompts", tags=["prompts"])
+router = APIRouter(
+    prefix="/v1/prompts", tags=["prompts"], responses=documented_errors(400, 401, 403, 404, 413, 415, 422, 429, 503)
+)
 
 TaskId = Annotated[str, Path(pattern=TASK_ID_PATTERN)]
 Who = Annotated[Caller, Depends(caller)]
