@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -50,3 +54,19 @@ def wait_ready(base_url: str, timeout_s: float) -> None:
             pass
         time.sleep(0.05)
     raise TimeoutError(f"{base_url} was not ready within {timeout_s} s")
+
+
+@contextmanager
+def server_process(data_dir: Path, *flags: str, timeout_s: float = 120) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`softserve serve` as its own process (no GIL shared with the test's clients); killed on exit."""
+    port = free_port()
+    env = {**os.environ, "SOFTSERVE_DATA_DIR": str(data_dir)}
+    command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *flags]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, timeout_s)
+        yield process, url
+    finally:
+        process.kill()
+        process.wait(timeout=30)

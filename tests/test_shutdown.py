@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import io
-import os
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,20 +11,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from tests.serving import free_port, wait_ready
+from tests.serving import server_process
 
 
-def start_server(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {**os.environ, "SOFTSERVE_DATA_DIR": str(tmp_path / "data")}
-    command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *flags]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url, 120)
+def upload_prompt(url: str) -> None:
     buffer = io.BytesIO()
     np.save(buffer, np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32))
     assert httpx.put(f"{url}/v1/prompts/t", files={"file": ("p", buffer.getvalue())}).status_code == 201
-    return process, url
 
 
 def generate(url: str, max_new_tokens: int, timeout: float = 300) -> int:
@@ -35,11 +25,17 @@ def generate(url: str, max_new_tokens: int, timeout: float = 300) -> int:
     return httpx.post(f"{url}/v1/generate", json=body, timeout=timeout).status_code
 
 
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
 def test_sigterm_turns_ready_503_and_loses_no_accepted_request(tmp_path: Path) -> None:
-    process, url = start_server(
-        tmp_path, "--drain-delay-s", "1.5", "--max-batch-size", "4", "--request-timeout-s", "300"
-    )
-    try:
+    flags = ("--drain-delay-s", "1.5", "--max-batch-size", "4", "--request-timeout-s", "300")
+    with server_process(tmp_path, *flags) as (process, url):
+        upload_prompt(url)
         with ThreadPoolExecutor(8) as pool:
             accepted = [pool.submit(generate, url, 64) for _ in range(8)]
             time.sleep(0.3)  # let them reach the server
@@ -50,13 +46,12 @@ def test_sigterm_turns_ready_503_and_loses_no_accepted_request(tmp_path: Path) -
             assert [f.result() for f in accepted] == [200] * 8
         process.wait(timeout=120)
         assert process.returncode in (0, -signal.SIGTERM)
-    finally:
-        process.kill()
 
 
 def test_rows_of_a_client_that_left_are_not_computed(tmp_path: Path) -> None:
-    process, url = start_server(tmp_path, "--max-batch-size", "4", "--max-wait-ms", "0", "--request-timeout-s", "300")
-    try:
+    flags = ("--max-batch-size", "4", "--max-wait-ms", "0", "--request-timeout-s", "300")
+    with server_process(tmp_path, *flags) as (_, url):
+        upload_prompt(url)
         with ThreadPoolExecutor(8) as pool:
             busy = [pool.submit(generate, url, 256) for _ in range(4)]  # keep the model thread busy
             time.sleep(0.3)
@@ -72,12 +67,3 @@ def test_rows_of_a_client_that_left_are_not_computed(tmp_path: Path) -> None:
         assert dropped == 12  # 3 requests x 4 rows, dropped before reaching the model
         batch_rows = metric(httpx.get(f"{url}/metrics").text, "softserve_batch_size_sum")
         assert batch_rows == 16  # the four busy requests, nothing else
-    finally:
-        process.kill()
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not exported")
