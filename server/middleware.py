@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import BodyTooLarge, error_response
@@ -31,7 +32,9 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
+                    # FastAPI turns any other error raised while it reads the body into a 400; it re-raises
+                    # an HTTPException, which the handler for HTTP errors answers as 413 body_too_large.
+                    raise HTTPException(413, str(BodyTooLarge(self.max_bytes)))
             return message
 
         await self.app(scope, limited_receive, send)
