@@ -7,6 +7,8 @@ scaled so that logits are far from flat. Greedy outputs then vary with the input
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
 
@@ -33,7 +35,8 @@ def tiny_config() -> T5Config:
 
 def build_tiny_t5(config: T5Config | None = None) -> tuple[T5ForConditionalGeneration, ByT5Tokenizer]:
     """Builds the preset (or a random T5 of another `config`) with the ByT5 tokenizer."""
-    config = config or tiny_config()
+    # A copy: the caller's config stays as given (it is changed below, and a second build must match the first).
+    config = copy.deepcopy(config) if config is not None else tiny_config()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         model = T5ForConditionalGeneration(config)

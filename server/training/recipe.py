@@ -1,0 +1,66 @@
+"""The prompt-tuning recipe: the job's `config` (api.md) and the fixed optimizer settings of the paper.
+
+Defaults follow Lester, Al-Rfou & Constant (2021): prompt length 100, class-label init, Adafactor at a
+constant learning rate of 0.3, batch 32. Only the fields a job may set live in `TrainingConfig`; the
+Adafactor constants that define the recipe are fixed in `ADAFACTOR_SETTINGS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+InitMethod = Literal["class_labels", "vocab", "random", "text"]
+EvalMetric = Literal["auto", "exact_match", "rank_accuracy"]
+
+# Adafactor as in the paper (T5X's prompt-tuning gin): no parameter scaling, no relative step, constant lr.
+ADAFACTOR_SETTINGS: dict[str, Any] = {
+    "scale_parameter": False,
+    "relative_step": False,
+    "warmup_init": False,
+    "decay_rate": -0.8,
+    "clip_threshold": 1.0,
+}
+
+# The "5,000 most frequent tokens" of a SentencePiece vocabulary are its lowest ids.
+VOCAB_INIT_TOP_IDS = 5000
+# Uniform init range of the `random` method.
+RANDOM_INIT_RANGE = 0.5
+# Rank classification is used for `eval_metric="auto"` when the train targets form a label set this small.
+MAX_RANK_LABELS = 32
+
+
+class TrainingConfig(BaseModel):
+    """A training job's `config` (api.md, "Training"); unknown fields are refused so typos do not pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_length: int = Field(100, ge=1, description="prompt rows P")
+    init: InitMethod = Field("class_labels", description="class_labels | vocab | random | text")
+    init_text: str | None = Field(None, description="text whose token embeddings seed the prompt (init=text)")
+    learning_rate: float = Field(0.3, gt=0, description="constant Adafactor learning rate")
+    steps: int = Field(2000, ge=1, description="optimizer steps")
+    batch_size: int = Field(32, ge=1, description="examples per step")
+    eval_every: int = Field(200, ge=1, description="steps between evaluations (and at the last step)")
+    max_input_tokens: int = Field(512, ge=1, description="inputs are truncated to this many tokens, </s> kept")
+    max_target_tokens: int = Field(16, ge=1, description="targets are truncated to this many tokens, </s> kept")
+    seed: int = Field(0, ge=0, description="seeds the init and the batch order")
+    weight_decay: float = Field(1e-5, ge=0, description="Adafactor weight decay")
+    patience: int | None = Field(
+        None, ge=1, description="stop after this many evaluations without improvement (None: run all steps)"
+    )
+    eval_metric: EvalMetric = Field(
+        "auto",
+        description="what `accuracy` means: rank classification over the train labels when they form a small "
+        "label set (auto), or exact-match greedy generation",
+    )
+
+    @model_validator(mode="after")
+    def _init_text_given(self) -> TrainingConfig:
+        if self.init == "text" and not (self.init_text and self.init_text.strip()):
+            raise ValueError("init='text' needs a non-empty init_text")
+        return self
+
+    def adafactor_kwargs(self) -> dict[str, Any]:
+        return {"lr": self.learning_rate, "weight_decay": self.weight_decay, **ADAFACTOR_SETTINGS}
