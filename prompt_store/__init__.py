@@ -15,6 +15,7 @@ from prompt_store.errors import (
 from prompt_store.formats import PromptFormat, dump_prompt, load_prompt_bytes
 from prompt_store.prompt import SoftPrompt, validate_prompt
 from prompt_store.records import TASK_ID_PATTERN, TaskMetadata, TaskRecord, VersionInfo, is_valid_task_id
+from prompt_store.redis_store import RedisStore
 from prompt_store.store import PromptStore
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "PromptFormat",
     "PromptStore",
     "PromptStoreError",
+    "RedisStore",
     "SoftPrompt",
     "StoreUnavailable",
     "TaskMetadata",

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,17 +51,29 @@ def keys(args: argparse.Namespace) -> None:
             sys.exit(1)
 
 
-def prompts(args: argparse.Namespace) -> None:
+def worker(args: argparse.Namespace) -> None:
+    from server.jobs.worker import run_worker
+
+    run_worker(settings_from(args))
+
+
+def run_client_command(args: argparse.Namespace, call: Callable[[Any, argparse.Namespace], Any]) -> Any:
+    """Runs `call(client, args)` against `--url`; prints its result as JSON (errors: exit 1)."""
     from server.client import SoftserveClient, SoftserveError
 
     with SoftserveClient(args.url, args.api_key) as client:
         try:
-            result = _prompts_call(client, args)
+            result = call(client, args)
         except SoftserveError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)
     if result is not None:
         print(json.dumps(result, indent=2))
+    return result
+
+
+def prompts(args: argparse.Namespace) -> None:
+    run_client_command(args, _prompts_call)
 
 
 def _prompts_call(client: Any, args: argparse.Namespace) -> Any:
@@ -83,6 +97,74 @@ def _prompts_call(client: Any, args: argparse.Namespace) -> Any:
         return client.activate(args.task_id, args.version)
     client.delete_prompt(args.task_id)
     return {"deleted": args.task_id}
+
+
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+def describe_progress(progress: dict[str, Any]) -> str:
+    parts = [f"loss {progress['loss']:.4f}"] if progress.get("loss") is not None else []
+    accuracy = (progress.get("eval") or {}).get("accuracy")
+    if accuracy is not None:
+        parts.append(f"eval accuracy {accuracy:.3f}")
+    return ", ".join(parts)
+
+
+def follow_job(client: Any, job_id: str, poll_s: float) -> dict[str, Any]:
+    """Polls the job until it ends, drawing a progress bar (step/total, loss, eval) on stderr."""
+    from tqdm import tqdm
+
+    with tqdm(total=None, unit="step", file=sys.stderr, dynamic_ncols=True, desc=job_id[:8]) as bar:
+        while True:
+            job = client.get_job(job_id)
+            progress = job["progress"]
+            bar.total, bar.n = progress["total_steps"], progress["step"]
+            bar.set_postfix_str(f"{job['state']}, {describe_progress(progress)}".rstrip(", "), refresh=False)
+            bar.refresh()
+            if job["state"] in FINAL_STATES:
+                return job
+            time.sleep(poll_s)
+
+
+def _train_call(client: Any, args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        config = json.loads(args.config) if args.config else None
+    except ValueError:
+        print("error: --config is not valid JSON", file=sys.stderr)
+        sys.exit(2)
+    missing = [path for path in (args.train, args.eval) if path and not Path(path).is_file()]
+    if missing:
+        print(f"error: no such file: {missing[0]}", file=sys.stderr)
+        sys.exit(2)
+    accepted = client.submit_training_job(
+        args.task_id, Path(args.train), Path(args.eval) if args.eval else None, config, not args.no_activate
+    )
+    if args.no_follow:
+        return accepted
+    try:
+        return follow_job(client, accepted["job_id"], args.poll)
+    except KeyboardInterrupt:
+        job_id = accepted["job_id"]
+        print(f"\njob {job_id} keeps running; `softserve jobs cancel {job_id}` cancels it", file=sys.stderr)
+        sys.exit(130)
+
+
+def train(args: argparse.Namespace) -> None:
+    job = run_client_command(args, _train_call)
+    if job.get("state") in ("failed", "cancelled"):
+        sys.exit(1)
+
+
+def _jobs_call(client: Any, args: argparse.Namespace) -> Any:
+    if args.jobs_command == "list":
+        return client.list_jobs()
+    if args.jobs_command == "show":
+        return client.get_job(args.job_id)
+    return client.cancel_job(args.job_id)
+
+
+def jobs(args: argparse.Namespace) -> None:
+    run_client_command(args, _jobs_call)
 
 
 def add_client_flags(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +198,27 @@ def add_prompts_parser(commands: Any) -> None:
     parser.set_defaults(func=prompts)
 
 
+def add_training_parsers(commands: Any) -> None:
+    train_parser = commands.add_parser("train", help="train a prompt for TASK_ID on a running server and follow it")
+    add_client_flags(train_parser)
+    train_parser.add_argument("task_id")
+    train_parser.add_argument("--train", required=True, help='JSONL: one {"input": ..., "target": ...} per line')
+    train_parser.add_argument("--eval", help="JSONL eval set (early stopping keeps the best prompt on it)")
+    train_parser.add_argument("--config", help='JSON training config, e.g. \'{"steps": 500, "prompt_length": 20}\'')
+    train_parser.add_argument("--no-activate", action="store_true", help="register the prompt without serving it")
+    train_parser.add_argument("--no-follow", action="store_true", help="print the job id and return")
+    train_parser.add_argument("--poll", type=float, default=1.0, help="seconds between progress reads")
+    train_parser.set_defaults(func=train)
+
+    jobs_parser = commands.add_parser("jobs", help="training jobs of a running server")
+    add_client_flags(jobs_parser)
+    sub = jobs_parser.add_subparsers(dest="jobs_command", required=True)
+    sub.add_parser("list", help="this tenant's jobs, newest first")
+    for name, text in (("show", "a job's state, progress and history"), ("cancel", "cancel a queued or running job")):
+        sub.add_parser(name, help=text).add_argument("job_id")
+    jobs_parser.set_defaults(func=jobs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser = commands.add_parser("serve", help="run the HTTP server")
     add_settings_flags(serve_parser)
     serve_parser.set_defaults(func=serve)
+
+    worker_parser = commands.add_parser(
+        "worker", help="run training jobs from the Redis queue (`--store redis`; one per GPU)"
+    )
+    add_settings_flags(worker_parser)
+    worker_parser.set_defaults(func=worker)
 
     keys_parser = commands.add_parser("keys", help="manage API keys (only hashes are stored)")
     add_settings_flags(keys_parser)
@@ -136,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys_parser.set_defaults(func=keys)
 
     add_prompts_parser(commands)
+    add_training_parsers(commands)
     return parser
 
 

@@ -8,9 +8,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import httpx
+
+# Training examples: a list of {"input", "target"} dicts (sent as JSON), or JSONL bytes or a JSONL file path
+# (sent as a multipart upload, so the server's error messages name the file's line numbers).
+Examples = Union[list[dict[str, str]], bytes, str, Path]  # noqa: UP007 (a runtime alias on Python 3.10)
+
+
+def _jsonl(examples: Examples) -> bytes:
+    if isinstance(examples, bytes):
+        return examples
+    if isinstance(examples, (str, Path)):
+        return Path(examples).read_bytes()
+    return "".join(json.dumps(example) + "\n" for example in examples).encode()
 
 
 class SoftserveError(Exception):
@@ -68,6 +80,33 @@ class _Calls:
 
     def info(self) -> httpx.Request:
         return self._make("GET", "/v1/info")
+
+    def submit_training_job(
+        self, task_id: str, train: Examples, eval: Examples | None, config: dict[str, Any] | None, activate: bool
+    ) -> httpx.Request:
+        if isinstance(train, list) and (eval is None or isinstance(eval, list)):
+            body: dict[str, Any] = {"task_id": task_id, "train": train, "activate": activate}
+            if eval is not None:
+                body["eval"] = eval
+            if config is not None:
+                body["config"] = config
+            return self._make("POST", "/v1/training-jobs", json=body)
+        files = {"train": ("train.jsonl", _jsonl(train))}
+        if eval is not None:
+            files["eval"] = ("eval.jsonl", _jsonl(eval))
+        form = {"task_id": task_id, "activate": "true" if activate else "false"}
+        if config is not None:
+            form["config"] = json.dumps(config)
+        return self._make("POST", "/v1/training-jobs", files=files, data=form)
+
+    def get_job(self, job_id: str) -> httpx.Request:
+        return self._make("GET", f"/v1/training-jobs/{job_id}")
+
+    def list_jobs(self) -> httpx.Request:
+        return self._make("GET", "/v1/training-jobs")
+
+    def cancel_job(self, job_id: str) -> httpx.Request:
+        return self._make("DELETE", f"/v1/training-jobs/{job_id}")
 
 
 def _read(response: httpx.Response) -> Any:
@@ -131,6 +170,26 @@ class SoftserveClient:
     def info(self) -> dict:
         return self._send(self._calls.info())
 
+    def submit_training_job(
+        self,
+        task_id: str,
+        train: Examples,
+        eval: Examples | None = None,
+        config: dict[str, Any] | None = None,
+        activate: bool = True,
+    ) -> dict:
+        """Queues a prompt-tuning job; returns `{"job_id", "state"}`."""
+        return self._send(self._calls.submit_training_job(task_id, train, eval, config, activate))
+
+    def get_job(self, job_id: str) -> dict:
+        return self._send(self._calls.get_job(job_id))
+
+    def list_jobs(self) -> list[dict]:
+        return self._send(self._calls.list_jobs())["jobs"]
+
+    def cancel_job(self, job_id: str) -> dict:
+        return self._send(self._calls.cancel_job(job_id))
+
 
 class AsyncSoftserveClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60):
@@ -179,3 +238,22 @@ class AsyncSoftserveClient:
 
     async def info(self) -> dict:
         return await self._send(self._calls.info())
+
+    async def submit_training_job(
+        self,
+        task_id: str,
+        train: Examples,
+        eval: Examples | None = None,
+        config: dict[str, Any] | None = None,
+        activate: bool = True,
+    ) -> dict:
+        return await self._send(self._calls.submit_training_job(task_id, train, eval, config, activate))
+
+    async def get_job(self, job_id: str) -> dict:
+        return await self._send(self._calls.get_job(job_id))
+
+    async def list_jobs(self) -> list[dict]:
+        return (await self._send(self._calls.list_jobs()))["jobs"]
+
+    async def cancel_job(self, job_id: str) -> dict:
+        return await self._send(self._calls.cancel_job(job_id))

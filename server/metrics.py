@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -62,13 +63,36 @@ class ServerMetrics:
         self.cache_prompts = Gauge("softserve_prompt_cache_prompts", "Prompts on the device", registry=r)
         self.prompt_loads = Counter(
             "softserve_prompt_loads_total",
-            "Prompts loaded into the device cache, by source",
+            "Prompts resolved for requests, by where they came from: cache (device), redis, disk",
             ["source"],
             registry=r,
         )
+        self.training = TrainingMetrics(r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class TrainingMetrics:
+    """Training jobs, counted where each thing happens: the API (submitted, cancelled) and the process that
+    trains (running, succeeded, failed, requeued). With the in-process worker that is one registry (the
+    API's `/metrics`); `softserve worker` processes serve their own (`--worker-metrics-port`)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
+        self.jobs = Counter(
+            "softserve_training_jobs_total",
+            "Training job state changes made by this process, by the state entered",
+            ["state"],
+            registry=r,
+        )
+        self.steps = Counter("softserve_training_steps_total", "Optimizer steps run by this process", registry=r)
+        self.step_duration = Histogram(
+            "softserve_training_step_duration_seconds",
+            "Duration of one training step (steps that also evaluate are not observed)",
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
 
 
 class BatcherMetrics:

@@ -1,9 +1,12 @@
-"""Device-side prompt cache: LRU by bytes, keyed by content so a stale copy is never served."""
+"""Device-side prompt cache: LRU by bytes, keyed by content so a stale copy is never served.
+
+Pinned entries (the `preload_tasks` setting) count toward the budget but are never evicted.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 
@@ -15,6 +18,7 @@ class DevicePromptCache:
         self.budget_bytes = budget_bytes
         self._entries: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
         self._bytes = 0
+        self._pinned: set[Hashable] = set()
         self._metrics = metrics
 
     @property
@@ -24,6 +28,13 @@ class DevicePromptCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(_size(self._entries[key]) for key in self._pinned)
+
     def get(self, key: Hashable) -> torch.Tensor | None:
         tensor = self._entries.get(key)
         if tensor is not None:
@@ -32,26 +43,32 @@ class DevicePromptCache:
             (self._metrics.cache_hits if tensor is not None else self._metrics.cache_misses).inc()
         return tensor
 
-    def put(self, key: Hashable, tensor: torch.Tensor) -> None:
-        """Adds a prompt, evicting the least recently used ones beyond the budget.
+    def put(self, key: Hashable, tensor: torch.Tensor, pinned: bool = False) -> None:
+        """Adds a prompt, evicting the least recently used unpinned ones beyond the budget.
 
         A request in flight holds its own reference, so eviction never pulls a prompt from under it.
+        The entry just added is never the victim, so one prompt larger than the budget is still served.
         """
         if key in self._entries:
             self._entries.move_to_end(key)
-            return
-        self._entries[key] = tensor
-        self._bytes += _size(tensor)
+        else:
+            self._entries[key] = tensor
+            self._bytes += _size(tensor)
+        if pinned:
+            self._pinned.add(key)
         evicted = 0
-        while self._bytes > self.budget_bytes and len(self._entries) > 1:
-            _, old = self._entries.popitem(last=False)
-            self._bytes -= _size(old)
+        while self._bytes > self.budget_bytes:
+            victim = next((k for k in self._entries if k not in self._pinned and k != key), None)
+            if victim is None:
+                break
+            self._bytes -= _size(self._entries.pop(victim))
             evicted += 1
         self._report(evicted)
 
-    def discard(self, predicate: callable) -> None:  # type: ignore[valid-type]
+    def discard(self, predicate: Callable[[Hashable], bool]) -> None:
         for key in [k for k in self._entries if predicate(k)]:
             self._bytes -= _size(self._entries.pop(key))
+            self._pinned.discard(key)
         self._report(0)
 
     def _report(self, evicted: int) -> None:

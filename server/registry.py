@@ -2,19 +2,25 @@
 
 Requests resolve (tenant, task, version) to a prompt tensor on the model's device. Task records and
 prompt tensors are cached; a cold prompt is loaded on a thread, so the event loop (and every other
-request) never waits on storage. Writes go through here so the caches are dropped at once.
+request) never waits on storage. Writes go through here so the caches are dropped at once; changes
+made by other replicas arrive through `refresh` (see `server.registry_sync`).
+
+A request keeps the prompt it resolved: the device cache is keyed by content (sha256), and the request
+holds its own reference to the tensor, so a new version or a delete never changes a request in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
 from prompt_store import (
     PromptStore,
+    RedisStore,
     SoftPrompt,
     TaskMetadata,
     TaskNotFound,
@@ -23,6 +29,8 @@ from prompt_store import (
 )
 from server.metrics import ServerMetrics
 from server.prompt_cache import DevicePromptCache
+
+log = logging.getLogger(__name__)
 
 TaskKey = tuple[str, str]
 
@@ -34,6 +42,9 @@ class ResolvedPrompt:
     embeddings: torch.Tensor  # on the model's device and dtype
 
 
+PromptKey = tuple[str, str, int, str]  # tenant, task, version, sha256
+
+
 class PromptRegistry:
     def __init__(
         self,
@@ -42,16 +53,22 @@ class PromptRegistry:
         cache_bytes: int,
         metrics: ServerMetrics | None = None,
         source: str = "disk",
+        pinned: Iterable[TaskKey] = (),
     ) -> None:
         self.store = store
         self._to_device = to_device
         self._records: dict[TaskKey, TaskRecord] = {}
+        # Bumped by `forget`: a record or pin fetched across a change is not kept (it may be stale).
+        self._generations: dict[TaskKey, int] = {}
         self._prompts = DevicePromptCache(cache_bytes, metrics)
-        self._loading: dict[tuple[str, str, int, str], asyncio.Future[torch.Tensor]] = {}
+        self._loading: dict[PromptKey, asyncio.Future[torch.Tensor]] = {}
         self._metrics = metrics
         self._source = source
+        self.pinned_tasks = frozenset(pinned)
+        self._background: set[asyncio.Task[None]] = set()
 
     async def resolve(self, tenant: str, task_id: str, version: int | None = None) -> ResolvedPrompt:
+        generation = self._generations.get((tenant, task_id), 0)
         record = await self.task(tenant, task_id)
         chosen = version if version is not None else record.active_version
         if chosen is None:
@@ -63,16 +80,24 @@ class PromptRegistry:
         tensor = self._prompts.get(key)
         if tensor is None:
             tensor = await self._load(key)
+        else:
+            self._count_load("cache")
+        pin = (tenant, task_id) in self.pinned_tasks and chosen == record.active_version
+        if pin and self._generations.get((tenant, task_id), 0) == generation:
+            self._prompts.put(key, tensor, pinned=True)
         return ResolvedPrompt(task=record, version=chosen, embeddings=tensor)
 
     async def task(self, tenant: str, task_id: str) -> TaskRecord:
-        record = self._records.get((tenant, task_id))
+        key = (tenant, task_id)
+        record = self._records.get(key)
         if record is None:
+            generation = self._generations.get(key, 0)
             record = await asyncio.to_thread(self.store.get_task, tenant, task_id)
-            self._records[(tenant, task_id)] = record
+            if self._generations.get(key, 0) == generation:
+                self._records[key] = record
         return record
 
-    async def _load(self, key: tuple[str, str, int, str]) -> torch.Tensor:
+    async def _load(self, key: PromptKey) -> torch.Tensor:
         """Loads a cold prompt once, however many requests ask for it at the same time."""
         pending = self._loading.get(key)
         if pending is not None:
@@ -81,11 +106,10 @@ class PromptRegistry:
         self._loading[key] = future
         try:
             tenant, task_id, version, _ = key
-            prompt = await asyncio.to_thread(self.store.load_prompt, tenant, task_id, version)
+            prompt, source = await asyncio.to_thread(self._fetch, tenant, task_id, version)
             tensor = self._to_device(prompt.embeddings)
             self._prompts.put(key, tensor)
-            if self._metrics is not None:
-                self._metrics.prompt_loads.labels(source=self._source).inc()
+            self._count_load(source)
             future.set_result(tensor)
             return tensor
         except BaseException as error:
@@ -95,10 +119,79 @@ class PromptRegistry:
         finally:
             del self._loading[key]
 
+    def _fetch(self, tenant: str, task_id: str, version: int) -> tuple[SoftPrompt, str]:
+        """The prompt and the label of where it came from (Redis, or the disk mirror when Redis is down)."""
+        if isinstance(self.store, RedisStore):
+            return self.store.load_prompt_traced(tenant, task_id, version)
+        return self.store.load_prompt(tenant, task_id, version), self._source
+
+    def _count_load(self, source: str) -> None:
+        if self._metrics is not None:
+            self._metrics.prompt_loads.labels(source=source).inc()
+
+    # Keeping in step with changes (here, or notices and reconciliation from other replicas)
+
     def forget(self, tenant: str, task_id: str) -> None:
         """Drops cached state of a task (after a change here or a change notice from elsewhere)."""
-        self._records.pop((tenant, task_id), None)
-        self._prompts.discard(lambda key: key[0] == tenant and key[1] == task_id)
+        key = (tenant, task_id)
+        self._generations[key] = self._generations.get(key, 0) + 1
+        self._records.pop(key, None)
+        self._prompts.discard(lambda k: k[0] == tenant and k[1] == task_id)
+
+    def refresh(self, tenant: str, task_id: str, updated_at: float | None = None) -> bool:
+        """Drops a task's cached state unless it is already the state stamped `updated_at`; reloads it if pinned.
+
+        Returns True when something was dropped.
+        """
+        cached = self._records.get((tenant, task_id))
+        if updated_at is not None and cached is not None and cached.updated_at == updated_at:
+            return False
+        self.forget(tenant, task_id)
+        self._reload_pinned(tenant, task_id)
+        return cached is not None
+
+    def cached_records(self) -> dict[TaskKey, TaskRecord]:
+        return dict(self._records)
+
+    async def preload(self, only_missing: bool = False) -> None:
+        """Loads every pinned task's active prompt (start-up), or those not resident (reconciliation)."""
+        for tenant, task_id in sorted(self.pinned_tasks):
+            if not (only_missing and self._resident(tenant, task_id)):
+                await self._preload_task(tenant, task_id, quiet=only_missing)
+        if self._prompts.pinned_bytes > self._prompts.budget_bytes:
+            log.warning("pinned prompts (%d bytes) exceed prompt_cache_mb", self._prompts.pinned_bytes)
+
+    def _resident(self, tenant: str, task_id: str) -> bool:
+        record = self._records.get((tenant, task_id))
+        info = record.version_info(record.active_version) if record and record.active_version else None
+        return info is not None and (tenant, task_id, info.version, info.sha256) in self._prompts
+
+    async def _preload_task(self, tenant: str, task_id: str, quiet: bool = False) -> None:
+        try:
+            await self.resolve(tenant, task_id)
+        except (TaskNotFound, VersionNotFound):
+            log.log(logging.DEBUG if quiet else logging.WARNING, "preload: no task %s/%s (yet)", tenant, task_id)
+        except Exception:
+            log.exception("preload of %s/%s failed; it is retried at the next reconciliation", tenant, task_id)
+
+    def _reload_pinned(self, tenant: str, task_id: str) -> None:
+        if (tenant, task_id) not in self.pinned_tasks:
+            return
+        task = asyncio.get_running_loop().create_task(self._preload_task(tenant, task_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _write(self, tenant: str, task_id: str, write: Callable[[], TaskRecord]) -> TaskRecord:
+        """Runs a store write, drops what was cached and keeps the record the store returned, unless
+        another change was noticed meanwhile (then the next request reads the store)."""
+        generation = self._generations.get((tenant, task_id), 0)
+        record = await asyncio.to_thread(write)
+        unchanged = self._generations.get((tenant, task_id), 0) == generation
+        self.forget(tenant, task_id)
+        if unchanged:
+            self._records[(tenant, task_id)] = record
+        self._reload_pinned(tenant, task_id)
+        return record
 
     # Writes: the store call runs on a thread; the caches change on the event loop.
 
@@ -111,14 +204,12 @@ class PromptRegistry:
         activate: bool,
         model: str,
     ) -> TaskRecord:
-        record = await asyncio.to_thread(self.store.add_version, tenant, task_id, prompt, metadata, activate, model)
-        self._records[(tenant, task_id)] = record
-        return record
+        return await self._write(
+            tenant, task_id, lambda: self.store.add_version(tenant, task_id, prompt, metadata, activate, model)
+        )
 
     async def activate(self, tenant: str, task_id: str, version: int) -> TaskRecord:
-        record = await asyncio.to_thread(self.store.activate, tenant, task_id, version)
-        self._records[(tenant, task_id)] = record
-        return record
+        return await self._write(tenant, task_id, lambda: self.store.activate(tenant, task_id, version))
 
     async def delete(self, tenant: str, task_id: str) -> None:
         await asyncio.to_thread(self.store.delete_task, tenant, task_id)
@@ -129,3 +220,8 @@ class PromptRegistry:
 
     async def load_prompt(self, tenant: str, task_id: str, version: int) -> SoftPrompt:
         return await asyncio.to_thread(self.store.load_prompt, tenant, task_id, version)
+
+    async def stop(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)

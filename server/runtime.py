@@ -6,17 +6,25 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from prompt_store import DiskStore, PromptStore
-from server.auth import ApiKeys
+from prompt_store import DiskStore, PromptStore, RedisStore
+from server.auth import DEFAULT_TENANT, ApiKeys
 from server.batcher import MixedTaskBatcher
 from server.inference import InferenceService
+from server.jobs.service import TrainingService, build_training
 from server.metrics import BatcherMetrics, ServerMetrics
 from server.model import FrozenT5
-from server.registry import PromptRegistry
+from server.registry import PromptRegistry, TaskKey
+from server.registry_sync import RegistrySync
 from server.runner import BatchRunner, Work
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+
+REDIS_CONNECT_WAIT_S = 3.0
+DEGRADED = (
+    "the prompt registry's Redis is unreachable ({problem}): serving from the prompt cache and the disk mirror; "
+    "prompt changes answer 503 until it is back"
+)
 
 
 @dataclass
@@ -27,24 +35,40 @@ class Runtime:
     registry: PromptRegistry
     batcher: MixedTaskBatcher[Work]
     inference: InferenceService
+    training: TrainingService
+    sync: RegistrySync | None = None
+
+    def degraded(self) -> str | None:
+        """Why this replica is serving with reduced function, or None when it is not."""
+        if self.sync is not None and not self.sync.healthy:
+            return DEGRADED.format(problem=self.sync.problem)
+        return None
 
     async def stop(self) -> None:
+        await self.training.stop()  # first: the in-process worker may be registering a prompt
         await self.batcher.stop()
+        if self.sync is not None:
+            await self.sync.stop()
+        await self.registry.stop()
+        if isinstance(self.store, RedisStore):
+            self.store.close()
 
 
 def open_store(settings: Settings) -> PromptStore:
+    """The disk store; or Redis written through to the disk store as its durable mirror."""
+    disk = DiskStore(settings.data_dir / "prompts")
     if settings.store == "redis":
-        raise NotImplementedError("the Redis store is not available in this build; use store=disk")
-    return DiskStore(settings.data_dir / "prompts")
+        return RedisStore(settings.redis_url, disk, settings.redis_namespace, settings.redis_timeout_s)
+    return disk
 
 
-async def build_runtime(settings: Settings, metrics: ServerMetrics, model: FrozenT5 | None = None) -> Runtime:
-    if model is None:
-        model = await asyncio.to_thread(FrozenT5.load, settings.model, settings.device, settings.dtype)
-    store = open_store(settings)
-    registry = PromptRegistry(
-        store, model.prompt_on_device, int(settings.prompt_cache_mb * 1024 * 1024), metrics, source=settings.store
-    )
+def preload_task_keys(settings: Settings) -> list[TaskKey]:
+    """`preload_tasks` entries (`tenant/task`, or `task` of the default tenant) as (tenant, task_id)."""
+    pairs = [name.partition("/") for name in settings.preload_tasks]
+    return [(tenant, task_id) if sep else (DEFAULT_TENANT, tenant) for tenant, sep, task_id in pairs]
+
+
+async def start_batcher(settings: Settings, model: FrozenT5, metrics: ServerMetrics) -> MixedTaskBatcher[Work]:
     batcher: MixedTaskBatcher[Work] = MixedTaskBatcher(
         BatchRunner(model, metrics),
         max_batch_size=settings.max_batch_size,
@@ -56,7 +80,36 @@ async def build_runtime(settings: Settings, metrics: ServerMetrics, model: Froze
     batcher.start()
     if settings.warmup:
         await batcher.run_exclusive(model.warmup)
-    return Runtime(settings, model, store, registry, batcher, InferenceService(model, registry, batcher, settings))
+    return batcher
+
+
+async def build_runtime(settings: Settings, metrics: ServerMetrics, model: FrozenT5 | None = None) -> Runtime:
+    if model is None:
+        model = await asyncio.to_thread(FrozenT5.load, settings.model, settings.device, settings.dtype)
+    store = open_store(settings)
+    registry = PromptRegistry(
+        store,
+        model.prompt_on_device,
+        int(settings.prompt_cache_mb * 1024 * 1024),
+        metrics,
+        source=settings.store,
+        pinned=preload_task_keys(settings),
+    )
+    sync = None
+    if isinstance(store, RedisStore):
+        sync = RegistrySync(store, registry, metrics, settings.registry_reconcile_s)
+        await sync.start(wait_s=REDIS_CONNECT_WAIT_S)
+    try:
+        await registry.preload()
+        batcher = await start_batcher(settings, model, metrics)
+    except BaseException:
+        if sync is not None:
+            await sync.stop()
+        raise
+    inference = InferenceService(model, registry, batcher, settings)
+    training = build_training(settings, model, registry, metrics.training)
+    await training.start()
+    return Runtime(settings, model, store, registry, batcher, inference, training, sync)
 
 
 @dataclass
@@ -76,7 +129,8 @@ class Lifecycle:
     async def start(self, model: FrozenT5 | None) -> None:
         try:
             self.runtime = await build_runtime(self.settings, self.metrics, model)
-            self.phase = "ready"
+            if self.phase == "starting":  # a SIGTERM during start-up keeps it draining
+                self.phase = "ready"
             log.info("ready: model %s on %s", self.runtime.model.model_id, self.runtime.model.device)
         except Exception as error:
             log.exception("start-up failed")

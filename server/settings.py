@@ -50,6 +50,28 @@ class Settings(BaseSettings):
     drain_delay_s: float = Field(1.0, ge=0, description="after SIGTERM, /ready answers 503 this long before closing")
     drain_timeout_s: float = Field(60.0, ge=0, description="after that, how long in-flight requests may take")
     warmup: bool = Field(True, description="run a warm-up batch before `/ready` turns 200")
+    training_max_active_jobs: int = Field(
+        4, ge=0, description="queued + running training jobs a tenant may have (0: no limit); 429 beyond"
+    )
+    training_checkpoint_every: int = Field(
+        100, ge=0, description="steps between checkpoints of a training job (0: none; a lost job then restarts)"
+    )
+    training_lease_s: float = Field(
+        30.0, gt=0, description="`store=redis`: a running job's lease, renewed by its worker every third of it"
+    )
+    training_reaper_interval_s: float = Field(
+        10.0,
+        gt=0,
+        description="`store=redis`: how often workers look for jobs whose worker died; such a job is requeued "
+        "within `training_lease_s` + this",
+    )
+    training_max_attempts: int = Field(
+        3, ge=1, description="times a job may lose its worker (or server) before it fails with the reason"
+    )
+    training_job_timeout_s: float = Field(
+        86400.0, gt=0, description="`store=redis`: longest run of one delivery of a job (RQ job timeout)"
+    )
+    worker_metrics_port: int = Field(0, ge=0, description="`softserve worker` serves `/metrics` on this port (0: off)")
 
     @field_validator("preload_tasks", mode="before")
     @classmethod

@@ -62,3 +62,7 @@ def d768_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def d768(d768_dir: Path) -> FrozenT5:
     return FrozenT5.load(str(d768_dir), device="cpu")
+
+
+# A real redis-server per test (AOF on, in the test's tmp dir): see tests/redis_server.py.
+from tests.redis_server import redis_server  # noqa: E402, F401

@@ -28,6 +28,7 @@ from server.errors import (
     RateLimited,
     Unauthorized,
 )
+from server.jobs.errors import InvalidDataset, JobConflict, JobNotFound, JobStoreUnavailable, TooManyJobs
 from server.schemas import ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,11 @@ ERROR_TABLE: list[tuple[type[Exception], int, str, float | None]] = [
     (BodyTooLarge, 413, "body_too_large", None),
     (ClientDisconnected, 499, "client_closed_request", None),
     (InferenceFailed, 500, "inference_failed", None),
+    (JobNotFound, 404, "not_found", None),
+    (JobConflict, 409, "conflict", None),
+    (InvalidDataset, 422, "invalid_dataset", None),
+    (TooManyJobs, 429, "too_many_jobs", 30.0),
+    (JobStoreUnavailable, 503, "store_unavailable", 1.0),
 ]
 
 HTTP_CODES = {

@@ -51,7 +51,7 @@ async def upload_prompt(
     metadata: Annotated[str | None, Form(description="JSON: labels, description, input_template, ...")] = None,
 ) -> UploadResponse:
     meta = _parse_metadata(metadata)
-    await _check_task_quota(rt, who.tenant, task_id)
+    await check_task_quota(rt, who.tenant, task_id)
     data = await file.read()
     tensor = await asyncio.to_thread(load_prompt_bytes, data)
     prompt = validate_prompt(tensor, rt.model.d_model, rt.settings.max_prompt_length)
@@ -69,7 +69,7 @@ async def upload_prompt(
     )
 
 
-async def _check_task_quota(rt: Runtime, tenant: str, task_id: str) -> None:
+async def check_task_quota(rt: Runtime, tenant: str, task_id: str) -> None:
     limit = rt.settings.max_tasks_per_tenant
     if not limit:
         return

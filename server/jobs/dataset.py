@@ -1,0 +1,134 @@
+"""Train and eval sets: parsed from JSONL uploads or JSON lists, checked before anything is queued.
+
+Every problem is reported with where it is (`train line 7`, or `train item 7` for a JSON body), so a
+client can fix its file. Over-long means longer than this server's `max_input_tokens` (`</s>` included):
+such an input could not be served, so a prompt trained on it would be trained on what it never sees.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.jobs.errors import InvalidDataset
+from server.model import FrozenT5
+from server.training import TrainingExample
+
+FIELDS = ("input", "target")
+SHAPE = 'each example is {"input": "...", "target": "..."}'
+MORE_PROBLEMS_SHOWN = 3
+
+
+@dataclass
+class ExampleSet:
+    """Examples of one split and where each came from (for messages)."""
+
+    name: str
+    examples: list[TrainingExample] = field(default_factory=list)
+    places: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    train: list[TrainingExample]
+    eval: list[TrainingExample]
+
+    def to_json(self) -> bytes:
+        pairs = {
+            name: [[e.input, e.target] for e in split] for name, split in (("train", self.train), ("eval", self.eval))
+        }
+        return json.dumps(pairs, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Dataset:
+        raw = json.loads(data)
+        return cls(**{name: [TrainingExample(i, t) for i, t in raw[name]] for name in ("train", "eval")})
+
+
+class _Problems:
+    """Collects problems; raises one `InvalidDataset` naming the first few."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.found: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.found.append(message)
+
+    def raise_if_any(self) -> None:
+        if not self.found:
+            return
+        shown = "; ".join(self.found[:MORE_PROBLEMS_SHOWN])
+        more = len(self.found) - MORE_PROBLEMS_SHOWN
+        raise InvalidDataset(f"{shown}" + (f" (and {more} more problem(s) in {self.name})" if more > 0 else ""))
+
+
+def _example(item: Any, place: str, problems: _Problems) -> TrainingExample | None:
+    if not isinstance(item, dict):
+        problems.add(f"{place}: expected a JSON object; {SHAPE}")
+        return None
+    missing = [name for name in FIELDS if name not in item]
+    extra = sorted(set(item) - set(FIELDS))
+    wrong = [name for name in FIELDS if name in item and not isinstance(item[name], str)]
+    if missing or extra or wrong:
+        parts = [f"missing {', '.join(missing)}"] if missing else []
+        parts += [f"unexpected field(s) {', '.join(extra)}"] if extra else []
+        parts += [f"{', '.join(wrong)} must be a string"] if wrong else []
+        problems.add(f"{place}: {'; '.join(parts)}; {SHAPE}")
+        return None
+    if not item["target"].strip():
+        problems.add(f"{place}: the target is empty")
+        return None
+    return TrainingExample(input=item["input"], target=item["target"])
+
+
+def _collect(name: str, items: Iterable[tuple[str, Any]], problems: _Problems) -> ExampleSet:
+    split = ExampleSet(name)
+    for place, item in items:
+        example = _example(item, place, problems)
+        if example is not None:
+            split.examples.append(example)
+            split.places.append(place)
+    problems.raise_if_any()
+    if not split.examples:
+        raise InvalidDataset(f"the {name} set is empty")
+    return split
+
+
+def parse_items(name: str, items: Any) -> ExampleSet:
+    """A JSON body's list of `{"input", "target"}` objects; items are numbered from 1."""
+    if not isinstance(items, list):
+        raise InvalidDataset(f"{name} must be a list; {SHAPE}")
+    return _collect(name, ((f"{name} item {n}", item) for n, item in enumerate(items, 1)), _Problems(name))
+
+
+def parse_jsonl(name: str, data: bytes) -> ExampleSet:
+    """A JSONL file: one example per line (blank lines are skipped; lines are numbered from 1)."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise InvalidDataset(f"{name} line {line}: not UTF-8 text") from None
+    problems = _Problems(name)
+
+    def lines() -> Iterable[tuple[str, Any]]:
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{name} line {number}", json.loads(line)
+            except json.JSONDecodeError as error:
+                problems.add(f"{name} line {number}: not valid JSON ({error.msg} at column {error.colno})")
+
+    return _collect(name, lines(), problems)
+
+
+def check_input_lengths(model: FrozenT5, split: ExampleSet, max_input_tokens: int) -> None:
+    problems = _Problems(split.name)
+    lengths = map(len, model.tokenize([e.input for e in split.examples]))
+    for place, length in zip(split.places, lengths, strict=True):
+        if length > max_input_tokens:
+            problems.add(f"{place}: the input has {length} tokens; this server's limit is {max_input_tokens}")
+    problems.raise_if_any()
