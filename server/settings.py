@@ -89,7 +89,9 @@ def settings_table() -> str:
     """The README's configuration table, generated from the fields (a test keeps the README current)."""
     lines = ["| env var | flag | default | meaning |", "| --- | --- | --- | --- |"]
     for name, field in Settings.model_fields.items():
-        default = field.default if field.default is not None else ""
+        default = field.get_default(call_default_factory=True)
+        if default is None or default == []:
+            default = ""
         if isinstance(default, Path):
             default = default.as_posix()
         flag = "--" + name.replace("_", "-")
