@@ -102,7 +102,7 @@ class RedisServer:
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     if not Path(REDIS_SERVER).exists():
-        pytest.skip("redis-server is not installed (`make redis` installs it)")
+        pytest.fail("redis-server is not installed: `make redis` (or `apt-get install redis-server`) installs it")
     server = RedisServer(tmp_path / "redis")
     server.start()
     try:

@@ -18,8 +18,6 @@ import hashlib
 import io
 import json
 import math
-import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -33,6 +31,7 @@ import torch.nn.functional as F
 from transformers.optimization import Adafactor
 
 from prompt_store import SoftPrompt, validate_prompt
+from prompt_store.disk import write_atomically
 from server.model import Decoding, FrozenT5, Row
 from server.training.recipe import MAX_RANK_LABELS, RANDOM_INIT_RANGE, VOCAB_INIT_TOP_IDS, TrainingConfig
 
@@ -148,18 +147,7 @@ class TrainingCheckpoint:
 
     def save(self, path: str | Path) -> None:
         """Writes atomically (temp file, fsync, rename): a crash leaves the previous checkpoint intact."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(self.to_bytes())
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(Path(path), self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> TrainingCheckpoint:
