@@ -8,6 +8,7 @@ positions, so a row's outputs do not depend on the other rows of its batch.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,17 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         # T5 overflows in fp16; bf16 keeps fp32's range.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
+def set_cpu_threads(threads: int) -> int:
+    """Sets torch's CPU threads; 0 means one less than the cores, so the event loop keeps a core.
+
+    On a small machine, intra-op threads that share every core with the HTTP loop spin against it and
+    make model calls several times slower (and their latency erratic).
+    """
+    chosen = threads or max(1, (os.cpu_count() or 1) - 1)
+    torch.set_num_threads(chosen)
+    return chosen
 
 
 class FrozenT5:
