@@ -14,6 +14,7 @@ from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from server.errors import RateLimited
+from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,12 @@ class TenantRateLimits:
             self._limits.append((RateLimitItemPerSecond(requests_per_s), "requests", False))
         if tokens_per_s > 0:
             self._limits.append((RateLimitItemPerSecond(tokens_per_s), "tokens", True))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TenantRateLimits:
+        """Shared across replicas through Redis when the registry uses Redis."""
+        redis_url = settings.redis_url if settings.store == "redis" else None
+        return cls(settings.rate_limit_requests_per_s, settings.rate_limit_tokens_per_s, redis_url)
 
     async def admit(self, tenant: str, tokens: int) -> None:
         """Counts one request of `tokens` tokens for `tenant`, or raises `RateLimited` with a wait time."""

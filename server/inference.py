@@ -44,9 +44,7 @@ class InferenceService:
         self.registry = registry
         self.batcher = batcher
         self.settings = settings
-        self.rate_limits = rate_limits or TenantRateLimits(
-            settings.rate_limit_requests_per_s, settings.rate_limit_tokens_per_s
-        )
+        self.rate_limits = rate_limits or TenantRateLimits.from_settings(settings)
 
     async def generate(
         self, tenant: str, request: GenerateRequest, client_gone: ClientGone | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -9,9 +10,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from server.admission import TenantRateLimits
 from server.auth import ApiKeys
+from server.errors import RateLimited
 from server.model import FrozenT5
 from server.settings import Settings
+from tests.redis_server import RedisServer
 from tests.serving import running_server
 
 
@@ -65,3 +69,22 @@ def test_task_quota(tmp_path: Path, tiny: FrozenT5) -> None:
         assert "Retry-After" in refused.headers
         assert put("a").status_code == 201  # a new version of a stored task is not a new task
         assert [p["task_id"] for p in httpx.get(f"{url}/v1/prompts").json()["prompts"]] == ["a", "b"]
+
+
+def test_replicas_share_rate_limits_through_redis(redis_server: RedisServer) -> None:
+    """Two limiters (two API replicas) on one Redis draw from one per-tenant budget."""
+
+    async def scenario() -> list[str]:
+        replica_a = TenantRateLimits(2, 0, redis_server.url)
+        replica_b = TenantRateLimits(2, 0, redis_server.url)
+        outcomes = []
+        for limiter in (replica_a, replica_b, replica_a):
+            try:
+                await limiter.admit("acme", 1)
+                outcomes.append("admitted")
+            except RateLimited as limited:
+                assert limited.retry_after_s >= 1
+                outcomes.append("limited")
+        return outcomes
+
+    assert asyncio.run(scenario()) == ["admitted", "admitted", "limited"]
