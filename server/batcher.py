@@ -101,10 +101,14 @@ class MixedTaskBatcher(Generic[P]):
         """Runs `fn` on the model thread, between batches (e.g. warm-up)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
+    def check_room(self, rows: int) -> None:
+        """Raises `Overloaded` if `rows` more rows would not fit: callers check before doing any work."""
+        if self._depth + rows > self.max_queue_size:
+            raise Overloaded(f"the request queue is full ({self.max_queue_size} rows); retry shortly")
+
     def submit(self, payloads: list[P], costs: list[int], tenant: str) -> list[asyncio.Future[Any]]:
         """Queues rows (all or none) and returns one future per row, in order."""
-        if self._depth + len(payloads) > self.max_queue_size:
-            raise Overloaded(f"the request queue is full ({self.max_queue_size} rows); retry shortly")
+        self.check_room(len(payloads))
         loop = asyncio.get_running_loop()
         queue = self._queues.setdefault(tenant, deque())
         futures = []

@@ -49,6 +49,7 @@ class InferenceService:
     async def generate(
         self, tenant: str, request: GenerateRequest, client_gone: ClientGone | None = None
     ) -> GenerateResponse:
+        self._shed_if_full(request.inputs)
         resolved = await self.registry.resolve(tenant, request.task_id, request.version)
         params = self._parameters(resolved, request.parameters)
         decoding = Decoding(
@@ -70,6 +71,7 @@ class InferenceService:
     async def classify(
         self, tenant: str, request: ClassifyRequest, client_gone: ClientGone | None = None
     ) -> ClassifyResponse:
+        self._shed_if_full(request.inputs)
         resolved = await self.registry.resolve(tenant, request.task_id, request.version)
         labels = request.labels or resolved.task.metadata.labels
         if not labels:
@@ -85,6 +87,10 @@ class InferenceService:
             results = [[s / len(t) for s, t in zip(scores, targets, strict=True)] for scores in results]
         outputs = [_classify_output(labels, scores) for scores in results]
         return ClassifyResponse(task_id=request.task_id, prompt_version=resolved.version, outputs=outputs)
+
+    def _shed_if_full(self, inputs: str | list[str]) -> None:
+        """Refuses at once, before any lookup or tokenizing, so overload costs as little as possible."""
+        self.batcher.check_room(1 if isinstance(inputs, str) else len(inputs))
 
     def _parameters(self, resolved: ResolvedPrompt, given: GenerateParameters | None) -> GenerateParameters:
         merged: dict[str, Any] = dict(resolved.task.metadata.parameters or {})
