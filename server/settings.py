@@ -100,6 +100,20 @@ def settings_table() -> str:
     return "\n".join(lines)
 
 
+def env_example() -> str:
+    """`.env.example`: every setting with its default and meaning (a test keeps it current)."""
+    lines = ["# softserve settings: every variable is also a `softserve serve` / `softserve worker` flag."]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if default is None or default == []:
+            default = ""
+        elif isinstance(default, Path):
+            default = default.as_posix()
+        unset = "# " if default == "" else ""  # an empty value would not mean "unset"
+        lines += [f"# {field.description}", f"{unset}SOFTSERVE_{name.upper()}={default}"]
+    return "\n".join(lines) + "\n"
+
+
 def write_readme_table(readme: Path = Path("README.md")) -> None:
     start, end = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
     text = readme.read_text()
@@ -110,3 +124,4 @@ def write_readme_table(readme: Path = Path("README.md")) -> None:
 
 if __name__ == "__main__":
     write_readme_table()
+    Path(".env.example").write_text(env_example())
