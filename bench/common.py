@@ -1,0 +1,212 @@
+"""Shared set-up of the benchmarks: the model, the workload, side-by-side timing and the report.
+
+Every number a benchmark reports is a ratio of two throughputs measured in one run: the samplers of
+both sides run in alternating order (A B, B A, A B, ...) so that drift and noise from other processes
+hit both, and each side is summarised by its median.
+
+Model calls are timed on one dedicated thread, as the server runs its model (the batcher's worker
+thread): on CPU the same `generate` ran about 19% faster on a worker thread than on the main thread
+(12 paired rounds, 2 pinned cores), so a main-thread baseline would flatter the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import string
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # `python bench/x.py` puts only bench/ on the path
+
+from server.model import Decoding, FrozenT5, Row, resolve_device, resolve_dtype  # noqa: E402
+from server.tiny import build_tiny_t5  # noqa: E402
+from tests.checkpoints import t5_small_config  # noqa: E402
+
+MODEL_ID = "t5-small-shapes"
+PROMPT_LENGTH = 20
+INPUT_TOKENS = 32  # `</s>` included
+MAX_NEW_TOKENS = 4
+BATCH_SIZE = 32
+GREEDY = Decoding()
+
+T = TypeVar("T")
+_MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-model")
+
+
+def parser(description: str, repeats: int) -> argparse.ArgumentParser:
+    """The flags every benchmark has; a script adds its own."""
+    args = argparse.ArgumentParser(description=description)
+    args.add_argument("--quick", action="store_true", help="a smoke run: fewest repetitions, unstable numbers")
+    args.add_argument("--repeats", type=int, default=repeats, help="samples of each side (interleaved)")
+    args.add_argument("--device", default="cpu", help="`cpu`, `cuda`, `auto`")
+    args.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="`auto`: fp32 on CPU, bf16 on CUDA"
+    )
+    args.add_argument("--seed", type=int, default=0)
+    args.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return args
+
+
+def build_model(device: str = "cpu", threads: int | None = None, dtype: str = "auto") -> FrozenT5:
+    """A random model with t5-small-lm-adapt's shapes (and the byte tokenizer), built in-process."""
+    if threads:
+        torch.set_num_threads(threads)
+    target = resolve_device(device)
+    model, tokenizer = build_tiny_t5(t5_small_config())
+    return FrozenT5(model, tokenizer, MODEL_ID, target, resolve_dtype(dtype, target))
+
+
+def random_prompts(count: int, d_model: int, seed: int, length: int = PROMPT_LENGTH) -> list[torch.Tensor]:
+    """`count` distinct fp32 soft prompts `[length, d_model]` (as stored; not yet on the device)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(length, d_model, generator=generator) * 3.0 for _ in range(count)]
+
+
+def input_texts(model: FrozenT5, count: int, seed: int, tokens: int = INPUT_TOKENS) -> list[str]:
+    """`count` different texts of random words, each exactly `tokens` tokens long (`</s>` included)."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(count):
+        words: list[str] = []
+        while len(" ".join(words)) < tokens:
+            words.append("".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 8))))
+        texts.append(" ".join(words)[: tokens - 1].strip().ljust(tokens - 1, "."))
+    lengths = {len(ids) for ids in model.tokenize(texts)}
+    if lengths != {tokens}:
+        raise RuntimeError(f"inputs tokenize to {sorted(lengths)} tokens, not {tokens}")
+    return texts
+
+
+def rows_for(model: FrozenT5, prompts: Sequence[torch.Tensor], texts: Sequence[str]) -> list[Row]:
+    """One row per (prompt, text) pair, the prompt moved to the model's device as the registry does."""
+    ids = model.tokenize(list(texts))
+    return [Row(model.prompt_on_device(p), i) for p, i in zip(prompts, ids, strict=True)]
+
+
+def on_model_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Runs `fn(*args)` on the benchmarks' one model thread and returns its result."""
+    return _MODEL_THREAD.submit(fn, *args).result()
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds that `fn()` takes on the model thread."""
+
+    def run() -> float:
+        started = time.perf_counter()
+        fn()
+        return time.perf_counter() - started
+
+    return on_model_thread(run)
+
+
+def generate_throughput(model: FrozenT5, rows: list[Row], calls: int = 1) -> float:
+    """Rows per second of `calls` greedy `generate` calls over `rows` (each row generates 4 tokens)."""
+    limits = [MAX_NEW_TOKENS] * len(rows)
+    return len(rows) * calls / timed(lambda: [model.generate(rows, GREEDY, limits) for _ in range(calls)])
+
+
+def warm_up(model: FrozenT5, rows: list[Row]) -> None:
+    """First-call allocations and kernel choices happen here, not in a sample. Also checks that the batch
+    really decodes `MAX_NEW_TOKENS` steps (a random model could end every row early with `</s>`)."""
+    generations = on_model_thread(model.generate, rows, GREEDY, [MAX_NEW_TOKENS] * len(rows))
+    steps = max(len(g.token_ids) for g in generations)
+    if steps != MAX_NEW_TOKENS:
+        raise RuntimeError(f"the batch decoded {steps} steps, not {MAX_NEW_TOKENS}; pick another --seed")
+
+
+def interleaved(samplers: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Calls each sampler `repeats` times, alternating the order every round (ABBA...)."""
+    names = list(samplers)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        for name in names if round_ % 2 == 0 else reversed(names):
+            samples[name].append(samplers[name]())
+    return samples
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Throughput samples of two sides, A (the thing measured) and B (its reference), taken in rounds."""
+
+    a: str
+    b: str
+    samples: dict[str, list[float]]
+
+    @property
+    def ratio(self) -> float:
+        """Median over rounds of A ÷ B: the two samples of a round ran back to back, so a change of
+        load from other processes between rounds cancels out."""
+        return statistics.median(x / y for x, y in zip(self.samples[self.a], self.samples[self.b], strict=True))
+
+    @property
+    def ratio_of_medians(self) -> float:
+        return statistics.median(self.samples[self.a]) / statistics.median(self.samples[self.b])
+
+    def median(self, side: str) -> float:
+        return statistics.median(self.samples[side])
+
+    def table(self, unit: str = "rows/s") -> str:
+        rows: list[list[object]] = [
+            [name, statistics.median(v), min(v), max(v), len(v)] for name, v in self.samples.items()
+        ]
+        rows.append([f"ratio {self.a} ÷ {self.b} (median of rounds)", self.ratio, "", "", ""])
+        rows.append(["ratio of the medians", self.ratio_of_medians, "", "", ""])
+        return markdown_table(["side", f"median {unit}", "min", "max", "samples"], rows)
+
+    def summary(self) -> dict[str, object]:
+        """The JSON fields every benchmark reports besides its ratio."""
+        return {
+            "ratio_of_medians": round(self.ratio_of_medians, 4),
+            "median_a": round(self.median(self.a), 3),
+            "median_b": round(self.median(self.b), 3),
+            "a": self.a,
+            "b": self.b,
+            "rounds": len(self.samples[self.a]),
+        }
+
+
+def compare(a: tuple[str, Callable[[], float]], b: tuple[str, Callable[[], float]], repeats: int) -> Comparison:
+    return Comparison(a[0], b[0], interleaved(dict([a, b]), repeats))
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(bench: str, tables: Sequence[str], comparison: Comparison, target: float, **extra: object) -> None:
+    """Prints the markdown tables, then exactly one JSON line (the machine-readable result)."""
+    for table in tables:
+        print(table, end="\n\n")
+    ratio = comparison.ratio
+    result = {"bench": bench, "ratio": round(ratio, 4), "target": target, "meets_target": ratio >= target}
+    print(json.dumps(result | comparison.summary() | extra), flush=True)
+
+
+def environment(model: FrozenT5, quick: bool) -> dict[str, object]:
+    return {
+        "model": MODEL_ID,
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "quick": quick,
+    }

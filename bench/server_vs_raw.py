@@ -1,0 +1,396 @@
+"""End-to-end HTTP throughput of the server ÷ the raw model's throughput on the same batches.
+
+Server side: the real app under uvicorn (`tests.serving.running_server`, same process, same `FrozenT5`
+object), 32 prompts of 20 tokens uploaded with `PUT /v1/prompts/{task_id}` as safetensors, and a
+closed loop of 64 clients (client c always asks for task c mod 32), each with one request of one
+32-token input and `max_new_tokens=4` in flight at a time; with `max_batch_size=32` every batch is
+32 rows of (typically) 25-30 different tasks.
+
+The load generator is a separate process (multiprocessing, spawn), so its CPU time is not spent
+under the server's GIL: one asyncio loop (uvloop when installed) running the 64 clients, each on a
+keep-alive connection of its own. It shares the cores with the server, so its CPU time is part of
+the measured cost; the default `--client lean` (a minimal HTTP/1.1 client in this file) keeps that
+cost small, `--client httpx` uses an `httpx.AsyncClient` pool of 64 connections instead. In the raw
+rounds that process sleeps.
+One server sample: issue requests until `--warm + --measured` have completed, and divide
+`--measured` by the time between the warm-th and the last counted completion (responses come back a
+batch at a time, so this window spans whole batches in steady state); requests still in flight then
+finish before the next sample.
+
+Raw side: `FrozenT5.generate` called directly on a batch of 32 rows with the same prompts and inputs,
+`--measured / 32` calls per sample, on a dedicated thread as the server's model runs (see common.py).
+On CPU the raw side keeps torch's default threads (one per core); the server sets its own with its
+`cpu_threads` setting (default: cores - 1, leaving a core to the event loop; `--cpu-threads` here).
+Both counts are printed.
+
+Rounds alternate (ABBA); the ratio is the median over rounds of server ÷ raw. Target: >= 0.85.
+Where the difference goes is reported too: the server's batches from its metrics (rows, distinct
+tasks, model time per batch against the raw time per batch), and CPU time per row by thread role
+(Linux /proc): the model thread and its torch workers, the event loop (HTTP, validation, batching),
+and the client process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import multiprocessing
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import httpx
+import torch
+from common import (
+    BATCH_SIZE,
+    MAX_NEW_TOKENS,
+    build_model,
+    compare,
+    environment,
+    generate_throughput,
+    input_texts,
+    markdown_table,
+    on_model_thread,
+    parser,
+    random_prompts,
+    report,
+    rows_for,
+    warm_up,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from prompt_store import PromptFormat, dump_prompt
+from server.model import FrozenT5, Row
+from server.settings import Settings
+from tests.serving import running_server
+
+TARGET = 0.85
+TASKS = 32
+CLIENTS = 64
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    base_url: str
+    task_ids: list[str]
+    texts: list[str]
+    clients: int
+    client: str  # "lean" | "httpx"
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    throughput: float  # requests (= rows) per second in the measured window
+    completed: int
+    failures: int
+    median_latency_s: float
+    cpu_s: float  # the load generator's own CPU time
+
+
+Post = Callable[[bytes], Awaitable[int]]  # sends one JSON body to /v1/generate, returns the HTTP status
+
+CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+CONNECTION_CLOSE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
+
+
+class KeepAliveConnection:
+    """The lean client: one HTTP/1.1 keep-alive connection, a request written at once, the response read
+    by its Content-Length. Per request it costs a small fraction of httpx's CPU time, which matters
+    because the client shares the cores with the server."""
+
+    def __init__(self, base_url: str) -> None:
+        url = httpx.URL(base_url)
+        self.host, self.port = url.host, url.port
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post(self, path: str, body: bytes) -> int:
+        if self._streams is None:
+            self._streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self._streams
+        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+        writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        response = await reader.readuntil(b"\r\n\r\n")
+        length = CONTENT_LENGTH.search(response)
+        await reader.readexactly(int(length.group(1)) if length else 0)
+        if CONNECTION_CLOSE.search(response):
+            await self.close()
+        return int(response[9:12])
+
+    async def close(self) -> None:
+        if self._streams is not None:
+            self._streams[1].close()
+            self._streams = None
+
+
+@contextlib.asynccontextmanager
+async def posters(plan: LoadPlan) -> AsyncIterator[list[Post]]:
+    """One `Post` per client: a connection of its own (lean), or a shared httpx pool of `clients` connections."""
+    if plan.client == "httpx":
+        limits = httpx.Limits(max_connections=plan.clients, max_keepalive_connections=plan.clients)
+        async with httpx.AsyncClient(base_url=plan.base_url, limits=limits, timeout=300) as http:
+
+            async def post(body: bytes) -> int:
+                response = await http.post("/v1/generate", content=body, headers={"content-type": "application/json"})
+                return response.status_code
+
+            yield [post] * plan.clients
+        return
+    connections = [KeepAliveConnection(plan.base_url) for _ in range(plan.clients)]
+    try:
+        yield [functools.partial(connection.post, "/v1/generate") for connection in connections]
+    finally:
+        for connection in connections:
+            await connection.close()
+
+
+async def closed_loop(plan: LoadPlan, warm: int, measured: int) -> LoadResult:
+    """Each client sends a request as soon as its previous one is answered, until enough have completed."""
+    total = warm + measured
+    done: list[float] = []
+    latencies: list[float] = []
+    failures = issued = 0
+    cpu_started = time.process_time()
+
+    async def client(post: Post, index: int) -> None:
+        nonlocal failures, issued
+        task_id = plan.task_ids[index % len(plan.task_ids)]
+        while len(done) < total:
+            text = plan.texts[issued % len(plan.texts)]
+            issued += 1
+            body = {"task_id": task_id, "inputs": text, "parameters": {"max_new_tokens": MAX_NEW_TOKENS}}
+            sent = time.perf_counter()
+            if await post(json.dumps(body).encode()) != 200:
+                failures += 1
+            done.append(time.perf_counter())
+            latencies.append(done[-1] - sent)
+
+    async with posters(plan) as posts:
+        await asyncio.gather(*(client(post, i) for i, post in enumerate(posts)))
+    done.sort()
+    window = done[total - 1] - done[warm - 1]
+    latencies.sort()
+    cpu_s = time.process_time() - cpu_started
+    return LoadResult(measured / window, len(done), failures, latencies[len(latencies) // 2], cpu_s)
+
+
+def load_process(conn: Connection, plan: LoadPlan) -> None:
+    """The load generator's process: runs one closed loop per `(warm, measured)` message until `None`."""
+    try:
+        from uvloop import run  # the server's loop too (uvicorn picks it when installed)
+    except ImportError:
+        run = asyncio.run
+    while (message := conn.recv()) is not None:
+        conn.send(run(closed_loop(plan, *message)))
+
+
+class LoadGenerator:
+    """A separate process, so the client's CPU time is not spent under the server's GIL."""
+
+    def __init__(self, plan: LoadPlan) -> None:
+        context = multiprocessing.get_context("spawn")  # never fork a process that runs a server thread
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=load_process, args=(child, plan), daemon=True)
+        self._process.start()
+        self.results: list[LoadResult] = []
+
+    def run(self, warm: int, measured: int) -> LoadResult:
+        self._conn.send((warm, measured))
+        result: LoadResult = self._conn.recv()
+        if result.failures:
+            raise RuntimeError(f"{result.failures} of {result.completed} requests failed")
+        self.results.append(result)
+        return result
+
+    def close(self) -> None:
+        self._conn.send(None)
+        self._process.join(timeout=30)
+
+
+CPU_GROUPS = ["model thread", "torch workers", "event loop + helpers", "client process"]
+
+
+def thread_cpu() -> Counter[str]:
+    """CPU seconds of this process's threads by role (Linux /proc; empty elsewhere)."""
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    usage: Counter[str] = Counter()
+    tasks = Path("/proc/self/task")
+    for task in tasks.iterdir() if tasks.exists() else []:
+        with contextlib.suppress(OSError):  # a thread may end while we read
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            usage[_role(names.get(int(task.name)))] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return usage
+
+
+def _role(thread_name: str | None) -> str:
+    if thread_name is None:
+        return "torch workers"  # native threads: the intra-op (OpenMP) team of the model thread
+    if thread_name.startswith(("softserve-model", "bench-model")):
+        return "model thread"
+    return "main thread" if thread_name == "MainThread" else "event loop + helpers"
+
+
+class CpuMeter:
+    """Where one side's CPU time went, summed over its samples, per row served."""
+
+    def __init__(self) -> None:
+        self.seconds: Counter[str] = Counter()
+        self.wall_s = 0.0
+        self.rows = 0
+
+    def measure(self, sample: Callable[[], tuple[float, int, float]]) -> float:
+        """Runs `sample() -> (throughput, rows, client CPU s)`, books its CPU time, returns the throughput."""
+        before, started = thread_cpu(), time.perf_counter()
+        throughput, rows, client_s = sample()
+        self.wall_s += time.perf_counter() - started
+        self.seconds.update(thread_cpu() - before)
+        self.seconds["client process"] += client_s
+        self.rows += rows
+        return throughput
+
+    def row(self, side: str) -> list[object]:
+        per_row = [1000 * self.seconds[group] / self.rows for group in CPU_GROUPS]
+        wall = 1000 * self.wall_s / self.rows
+        return [side, *per_row, sum(per_row), wall, sum(per_row) / wall]
+
+
+def upload_prompts(base_url: str, prompts: list, task_ids: list[str]) -> None:
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        for task_id, prompt in zip(task_ids, prompts, strict=True):
+            data = dump_prompt(prompt, PromptFormat.SAFETENSORS)
+            response = http.put(f"/v1/prompts/{task_id}", files={"file": ("prompt.safetensors", data)})
+            response.raise_for_status()
+
+
+def batch_means(base_url: str) -> dict[str, float]:
+    """Means over every batch the server ran, from its Prometheus metrics (warm-up batches included)."""
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.endswith(("_sum", "_count"))
+    }
+    return {
+        name: values[f"softserve_{metric}_sum"] / values[f"softserve_{metric}_count"]
+        for name, metric in [
+            ("rows", "batch_size"),
+            ("tasks", "batch_tasks"),
+            ("model_s", "inference_duration_seconds"),
+            ("queue_wait_s", "queue_wait_seconds"),
+        ]
+    }
+
+
+def server_sample(load: LoadGenerator, warm: int, measured: int) -> tuple[float, int, float]:
+    result = load.run(warm, measured)
+    return result.throughput, result.completed, result.cpu_s
+
+
+def raw_sample(model: FrozenT5, rows: list[Row], calls: int) -> tuple[float, int, float]:
+    return generate_throughput(model, rows, calls), len(rows) * calls, 0.0
+
+
+def fresh_thread_torch_threads() -> int:
+    """torch's CPU threads as a new thread adopts them (at its first op): after start-up, what the server
+    chose for its model thread (`cpu_threads`)."""
+    with ThreadPoolExecutor(max_workers=1) as fresh:
+        return fresh.submit(torch.get_num_threads).result()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser(__doc__.splitlines()[0], repeats=6)
+    args.add_argument("--warm", type=int, default=2 * BATCH_SIZE, help="completions before the window opens")
+    args.add_argument("--measured", type=int, default=8 * BATCH_SIZE, help="completions in the window")
+    args.add_argument("--max-wait-ms", type=float, default=Settings().max_wait_ms, help="the batcher's wait")
+    args.add_argument("--cpu-threads", type=int, default=Settings().cpu_threads, help="the server's (0: cores - 1)")
+    args.add_argument("--client", choices=["lean", "httpx"], default="lean", help="the load generator's HTTP client")
+    opts = args.parse_args(argv)
+    repeats, warm, measured = (1, BATCH_SIZE, BATCH_SIZE) if opts.quick else (opts.repeats, opts.warm, opts.measured)
+
+    model = build_model(opts.device, opts.threads, opts.dtype)
+    prompts = random_prompts(TASKS, model.d_model, opts.seed)
+    texts = input_texts(model, BATCH_SIZE, opts.seed)
+    task_ids = [f"task-{i:02d}" for i in range(TASKS)]
+    rows = rows_for(model, prompts, texts)
+    warm_up(model, rows)  # before the server starts: the raw side keeps the threads torch had then
+    raw_threads = on_model_thread(torch.get_num_threads)
+    raw_calls = max(1, measured // BATCH_SIZE)
+    meters = (CpuMeter(), CpuMeter())
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        settings = Settings(
+            data_dir=Path(data_dir),
+            max_batch_size=BATCH_SIZE,
+            max_wait_ms=opts.max_wait_ms,
+            cpu_threads=opts.cpu_threads,
+        )
+        with running_server(settings, model) as base_url:
+            server_threads = fresh_thread_torch_threads()
+            upload_prompts(base_url, prompts, task_ids)
+            load = LoadGenerator(LoadPlan(base_url, task_ids, texts, CLIENTS, opts.client))
+            try:
+                load.run(warm, BATCH_SIZE)  # warm-up: connections, prompt cache, first batches
+                comparison = compare(
+                    ("server (HTTP)", lambda: meters[0].measure(lambda: server_sample(load, warm, measured))),
+                    ("raw generate", lambda: meters[1].measure(lambda: raw_sample(model, rows, raw_calls))),
+                    repeats,
+                )
+            finally:
+                load.close()
+            batches = batch_means(base_url)
+
+    latency = sorted(r.median_latency_s for r in load.results)[len(load.results) // 2]
+    raw_batch_s = BATCH_SIZE / comparison.median("raw generate")
+    setup = markdown_table(
+        [
+            "clients",
+            "client",
+            "tasks",
+            "max_batch_size",
+            "max_wait_ms",
+            "torch threads: raw, server",
+            "median latency s",
+        ],
+        [[CLIENTS, opts.client, TASKS, BATCH_SIZE, opts.max_wait_ms, f"{raw_threads}, {server_threads}", latency]],
+    )
+    server_batches = markdown_table(
+        ["server batches (means)", "rows", "distinct tasks", "model s/batch", "queue wait s", "raw s/batch (median)"],
+        [["", batches["rows"], batches["tasks"], batches["model_s"], batches["queue_wait_s"], raw_batch_s]],
+    )
+    cpu = markdown_table(
+        ["CPU ms per row", *CPU_GROUPS, "CPU total", "wall", "cores busy"],
+        [meters[0].row("server (HTTP)"), meters[1].row("raw generate")],
+    )
+    report(
+        "server_vs_raw",
+        [setup, server_batches, cpu, comparison.table("rows/s")],
+        comparison,
+        TARGET,
+        clients=CLIENTS,
+        client=opts.client,
+        tasks=TASKS,
+        batch_size=BATCH_SIZE,
+        max_wait_ms=opts.max_wait_ms,
+        raw_torch_threads=raw_threads,
+        server_torch_threads=server_threads,
+        median_latency_s=round(latency, 3),
+        server_mean_batch_rows=round(batches["rows"], 2),
+        server_mean_model_s_per_batch=round(batches["model_s"], 4),
+        raw_s_per_batch=round(raw_batch_s, 4),
+        **environment(model, opts.quick),
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
