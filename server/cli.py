@@ -219,6 +219,21 @@ def add_training_parsers(commands: Any) -> None:
     jobs_parser.set_defaults(func=jobs)
 
 
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench(args: argparse.Namespace) -> None:
+    """Runs a script of the checkout's `bench/` folder (they are not installed with the package)."""
+    import subprocess
+
+    script = BENCH_DIR / f"{args.name}.py"
+    if not script.is_file():
+        available = sorted(p.stem for p in BENCH_DIR.glob("*.py") if p.stem != "common") if BENCH_DIR.is_dir() else []
+        print(f"error: no benchmark {args.name!r} in {BENCH_DIR}; available: {', '.join(available) or 'none'}")
+        sys.exit(2)
+    sys.exit(subprocess.call([sys.executable, str(script), *args.bench_args]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -243,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys_commands.add_parser("revoke", help="revoke keys by hash prefix")
     revoke.add_argument("hash_prefix")
     keys_parser.set_defaults(func=keys)
+
+    bench_parser = commands.add_parser(
+        "bench", help="run a benchmark of bench/ (e.g. `softserve bench overload --quick`)"
+    )
+    bench_parser.add_argument("name", help="mixed_vs_single, server_vs_raw, mixed_vs_per_task, overload, ...")
+    bench_parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to the script")
+    bench_parser.set_defaults(func=bench)
 
     add_prompts_parser(commands)
     add_training_parsers(commands)

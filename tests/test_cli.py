@@ -102,3 +102,11 @@ def test_sync_and_async_clients(base_url: str) -> None:
             return await client.generate("t", ["x", "y"], max_new_tokens=4)
 
     assert asyncio.run(use_async()) == sync_out
+
+
+def test_bench_runs_a_benchmark_script_and_names_the_ones_there() -> None:
+    missing = run_cli("bench", "no_such_bench")
+    assert missing.returncode == 2 and "mixed_vs_single" in missing.stdout
+    done = subprocess.run([*SOFTSERVE, "bench", "hot_load", "--quick"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["bench"] == "hot_load"
