@@ -88,3 +88,14 @@ def test_replicas_share_rate_limits_through_redis(redis_server: RedisServer) -> 
         return outcomes
 
     assert asyncio.run(scenario()) == ["admitted", "admitted", "limited"]
+
+
+def test_a_request_past_its_deadline_gets_504_and_the_server_carries_on(tmp_path: Path, tiny: FrozenT5) -> None:
+    with running_server(Settings(data_dir=tmp_path, request_timeout_s=0.05), tiny) as url:
+        httpx.put(f"{url}/v1/prompts/t", files={"file": ("p", prompt_bytes(0))})
+        slow = {"task_id": "t", "inputs": ["x"] * 8, "parameters": {"max_new_tokens": 256}}
+        response = httpx.post(f"{url}/v1/generate", json=slow, timeout=30)
+        assert response.status_code == 504
+        assert response.json()["error"]["code"] == "deadline_exceeded"
+        assert httpx.get(f"{url}/ready").status_code == 200
+        assert 'softserve_rejections_total{reason="deadline_exceeded"} 1.0' in httpx.get(f"{url}/metrics").text
