@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import server  # noqa: F401  (first: it sets the OpenMP wait policy the server runs with, before torch loads)
+
+# isort: split
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

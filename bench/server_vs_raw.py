@@ -20,7 +20,7 @@ finish before the next sample.
 Raw side: `FrozenT5.generate` called directly on a batch of 32 rows with the same prompts and inputs,
 `--measured / 32` calls per sample, on a dedicated thread as the server's model runs (see common.py).
 On CPU the raw side keeps torch's default threads (one per core); the server sets its own with its
-`cpu_threads` setting (default: cores - 1, leaving a core to the event loop; `--cpu-threads` here).
+`cpu_threads` setting (default: one per core, as the raw side; `--cpu-threads` here).
 Both counts are printed.
 
 Rounds alternate (ABBA); the ratio is the median over rounds of server ÷ raw. Target: >= 0.85.
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     args.add_argument("--warm", type=int, default=2 * BATCH_SIZE, help="completions before the window opens")
     args.add_argument("--measured", type=int, default=8 * BATCH_SIZE, help="completions in the window")
     args.add_argument("--max-wait-ms", type=float, default=Settings().max_wait_ms, help="the batcher's wait")
-    args.add_argument("--cpu-threads", type=int, default=Settings().cpu_threads, help="the server's (0: cores - 1)")
+    args.add_argument("--cpu-threads", type=int, default=Settings().cpu_threads, help="the server's (0: one per core)")
     args.add_argument("--client", choices=["lean", "httpx"], default="lean", help="the load generator's HTTP client")
     opts = args.parse_args(argv)
     repeats, warm, measured = (1, BATCH_SIZE, BATCH_SIZE) if opts.quick else (opts.repeats, opts.warm, opts.measured)

@@ -49,7 +49,9 @@ class Settings(BaseSettings):
     max_tasks_per_tenant: int = Field(0, ge=0, description="tasks a tenant may store (0: no limit)")
     drain_delay_s: float = Field(1.0, ge=0, description="after SIGTERM, /ready answers 503 this long before closing")
     drain_timeout_s: float = Field(60.0, ge=0, description="after that, how long in-flight requests may take")
-    cpu_threads: int = Field(0, ge=0, description="torch threads on CPU (0: cores - 1, leaving one for the event loop)")
+    cpu_threads: int = Field(
+        0, ge=0, description="torch threads on CPU (0: one per core; fewer leaves room for the event loop)"
+    )
     warmup: bool = Field(True, description="run a warm-up batch before `/ready` turns 200")
     training_max_active_jobs: int = Field(
         4, ge=0, description="queued + running training jobs a tenant may have (0: no limit); 429 beyond"
