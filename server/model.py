@@ -84,18 +84,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 
-def set_cpu_threads(threads: int) -> int:
-    """Sets torch's CPU threads; 0 keeps one per core (the most throughput on a machine the server owns).
-
-    On a small, shared machine, intra-op threads that compete with the HTTP loop (and other processes)
-    can make model calls several times slower and their latency erratic; fewer threads trade
-    throughput for steadier latency.
-    """
-    chosen = threads or os.cpu_count() or 1
-    torch.set_num_threads(chosen)
-    return chosen
-
-
 class FrozenT5:
     def __init__(
         self,
@@ -133,6 +121,14 @@ class FrozenT5:
             model = T5ForConditionalGeneration.from_pretrained(source, dtype=torch_dtype)
         log.info("loaded %s on %s as %s", name, target, torch_dtype)
         return cls(model, tokenizer, name, target, torch_dtype)
+
+    def use_cpu_threads(self, threads: int) -> None:
+        """On CPU, sets torch's threads; 0 keeps one per core (the most throughput on a machine the server
+        owns). On a small shared machine, intra-op threads competing with the HTTP loop and other processes
+        make calls slower and their latency erratic; fewer threads trade throughput for steadier latency.
+        Nothing to do on CUDA."""
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads or os.cpu_count() or 1)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, `</s>` included, not truncated (the caller enforces limits)."""

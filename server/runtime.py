@@ -12,7 +12,7 @@ from server.batcher import MixedTaskBatcher
 from server.inference import InferenceService
 from server.jobs.service import TrainingService, build_training
 from server.metrics import BatcherMetrics, ServerMetrics
-from server.model import FrozenT5, set_cpu_threads
+from server.model import FrozenT5
 from server.registry import PromptRegistry, TaskKey
 from server.registry_sync import RegistrySync
 from server.runner import BatchRunner, Work
@@ -86,8 +86,7 @@ async def start_batcher(settings: Settings, model: FrozenT5, metrics: ServerMetr
 async def build_runtime(settings: Settings, metrics: ServerMetrics, model: FrozenT5 | None = None) -> Runtime:
     if model is None:
         model = await asyncio.to_thread(FrozenT5.load, settings.model, settings.device, settings.dtype)
-    if model.device.type == "cpu":
-        set_cpu_threads(settings.cpu_threads)
+    model.use_cpu_threads(settings.cpu_threads)
     store = open_store(settings)
     registry = PromptRegistry(
         store,

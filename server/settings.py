@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -88,17 +89,20 @@ class Settings(BaseSettings):
         return self.api_keys_file or self.data_dir / "api_keys.json"
 
 
+def _default_text(field: FieldInfo) -> str:
+    """A field's default as the README and `.env.example` write it ("" when there is none)."""
+    default = field.get_default(call_default_factory=True)
+    if default is None or default == []:
+        return ""
+    return default.as_posix() if isinstance(default, Path) else str(default)
+
+
 def settings_table() -> str:
     """The README's configuration table, generated from the fields (a test keeps the README current)."""
     lines = ["| env var | flag | default | meaning |", "| --- | --- | --- | --- |"]
     for name, field in Settings.model_fields.items():
-        default = field.get_default(call_default_factory=True)
-        if default is None or default == []:
-            default = ""
-        if isinstance(default, Path):
-            default = default.as_posix()
         flag = "--" + name.replace("_", "-")
-        lines.append(f"| `SOFTSERVE_{name.upper()}` | `{flag}` | `{default}` | {field.description} |")
+        lines.append(f"| `SOFTSERVE_{name.upper()}` | `{flag}` | `{_default_text(field)}` | {field.description} |")
     return "\n".join(lines)
 
 
@@ -106,11 +110,7 @@ def env_example() -> str:
     """`.env.example`: every setting with its default and meaning (a test keeps it current)."""
     lines = ["# softserve settings: every variable is also a `softserve serve` / `softserve worker` flag."]
     for name, field in Settings.model_fields.items():
-        default = field.get_default(call_default_factory=True)
-        if default is None or default == []:
-            default = ""
-        elif isinstance(default, Path):
-            default = default.as_posix()
+        default = _default_text(field)
         unset = "# " if default == "" else ""  # an empty value would not mean "unset"
         lines += [f"# {field.description}", f"{unset}SOFTSERVE_{name.upper()}={default}"]
     return "\n".join(lines) + "\n"

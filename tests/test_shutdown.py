@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 
 from tests.serving import server_process
+from tests.training import metric
 
 
 def upload_prompt(url: str) -> None:
@@ -23,13 +24,6 @@ def upload_prompt(url: str) -> None:
 def generate(url: str, max_new_tokens: int, timeout: float = 300) -> int:
     body = {"task_id": "t", "inputs": ["some input text"] * 4, "parameters": {"max_new_tokens": max_new_tokens}}
     return httpx.post(f"{url}/v1/generate", json=body, timeout=timeout).status_code
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not exported")
 
 
 def test_sigterm_turns_ready_503_and_loses_no_accepted_request(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from server.jobs.redis_store import RedisJobStore
 from server.jobs.rq_queue import Reaper, RedisLease, RQJobQueue, TrainingWorker
 from server.jobs.runner import JobRunner
 from server.metrics import TrainingMetrics
-from server.model import FrozenT5, set_cpu_threads
+from server.model import FrozenT5
 from server.runtime import open_store
 from server.settings import Settings
 
@@ -38,8 +38,7 @@ def run_worker(settings: Settings) -> None:
     if settings.store != "redis":
         raise SystemExit(NEEDS_REDIS)
     model = FrozenT5.load(settings.model, settings.device, settings.dtype)
-    if model.device.type == "cpu":
-        set_cpu_threads(settings.cpu_threads)
+    model.use_cpu_threads(settings.cpu_threads)
     prompts = open_store(settings)
     jobs = RedisJobStore.from_url(settings.redis_url, settings.redis_namespace, settings.redis_timeout_s)
     metrics = TrainingMetrics()
