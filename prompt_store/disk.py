@@ -7,10 +7,12 @@ version or task record behind. This is the embedded default and the durable mirr
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import safetensors.torch
@@ -21,6 +23,7 @@ from prompt_store.prompt import SoftPrompt
 from prompt_store.records import TaskMetadata, TaskRecord, VersionInfo, is_valid_task_id
 
 TASK_FILE = "task.json"
+VERSION_FILE = re.compile(r"^v([0-9]+)\.safetensors$")
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -111,11 +114,6 @@ class DiskStore:
         data = safetensors.torch.save({PROMPT_KEY: prompt.embeddings}, metadata={"sha256": prompt.sha256})
         write_atomically(self._version_path(tenant, task_id, version), data)
 
-    def put_record(self, record: TaskRecord) -> None:
-        """Writes a whole record as given (used when mirroring another backend)."""
-        with self._lock:
-            self._write_record(record)
-
     def load_prompt(self, tenant: str, task_id: str, version: int) -> SoftPrompt:
         path = self._version_path(tenant, task_id, version)
         try:
@@ -133,6 +131,81 @@ class DiskStore:
             record = record.model_copy(update={"active_version": version, "updated_at": time.time()})
             self._write_record(record)
             return record
+
+    def _version_files(self, tenant: str, task_id: str) -> dict[int, Path]:
+        files = {}
+        for path in self._task_dir(tenant, task_id).glob("v*.safetensors"):
+            match = VERSION_FILE.match(path.name)
+            if match is not None:
+                files[int(match[1])] = path
+        return files
+
+    def version_hashes(self, tenant: str, task_id: str) -> dict[int, str | None]:
+        """Each version file of a task and the sha256 in its header (None: unreadable), without loading tensors."""
+        hashes: dict[int, str | None] = {}
+        for version, path in self._version_files(tenant, task_id).items():
+            try:
+                with safetensors.safe_open(path, framework="pt") as handle:
+                    hashes[version] = (handle.metadata() or {}).get("sha256")
+            except (OSError, safetensors.SafetensorError):
+                hashes[version] = None
+        return hashes
+
+    def mirror_task(
+        self, tenant: str, task_id: str, record: TaskRecord | None, fetch: Callable[[int], SoftPrompt | None]
+    ) -> bool:
+        """Makes a task on disk exactly `record` (None: no such task), as another backend holds it.
+
+        Version files that are missing or hold other bytes (by sha256) are written from `fetch` (a version it
+        returns None for is left for a later repair); files of versions the record does not list are removed;
+        the record is written last, so it never lists a version before its file is there.
+        Returns True when anything changed. Callers serialize the copies of one task (the Redis store holds a
+        per-task file lock), so no lock is held here while `fetch` waits on another backend.
+        """
+        if record is None:
+            try:
+                self.delete_task(tenant, task_id)
+            except TaskNotFound:
+                return False
+            return True
+        if self._holds(record):
+            return False
+        on_disk = self.version_hashes(tenant, task_id)
+        changed = self._write_missing_versions(record, on_disk, fetch)
+        for version in on_disk.keys() - {info.version for info in record.versions}:
+            self._version_path(tenant, task_id, version).unlink(missing_ok=True)
+            changed = True
+        try:
+            current: TaskRecord | None = self.get_task(tenant, task_id)
+        except TaskNotFound:
+            current = None
+        if current != record:
+            self._write_record(record)
+            changed = True
+        return changed
+
+    def _holds(self, record: TaskRecord) -> bool:
+        """The record is on disk as it is, with a file for each version it lists and no other. Its files are
+        then its own: every writer writes a record only after the files it lists (cheap: no file is read)."""
+        try:
+            current = self.get_task(record.tenant, record.task_id)
+        except TaskNotFound:
+            return False
+        listed = {info.version for info in record.versions}
+        return current == record and self._version_files(record.tenant, record.task_id).keys() == listed
+
+    def _write_missing_versions(
+        self, record: TaskRecord, on_disk: dict[int, str | None], fetch: Callable[[int], SoftPrompt | None]
+    ) -> bool:
+        written = False
+        for info in record.versions:
+            if on_disk.get(info.version) == info.sha256:
+                continue
+            prompt = fetch(info.version)
+            if prompt is not None:
+                self.write_prompt(record.tenant, record.task_id, info.version, prompt)
+                written = True
+        return written
 
     def delete_task(self, tenant: str, task_id: str) -> None:
         with self._lock:

@@ -13,7 +13,7 @@ from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
-from server.errors import RateLimited
+from server.errors import InvalidInput, RateLimited
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,14 @@ class TenantRateLimits:
         return cls(settings.rate_limit_requests_per_s, settings.rate_limit_tokens_per_s, redis_url)
 
     async def admit(self, tenant: str, tokens: int) -> None:
-        """Counts one request of `tokens` tokens for `tenant`, or raises `RateLimited` with a wait time."""
+        """Charges `tenant` one request and its full `tokens`, or raises `RateLimited` with a wait time.
+
+        A request costing more than a whole second's budget could never be admitted: `InvalidInput`, decided
+        before anything is charged (a 429 would have its client retry forever).
+        """
+        self._refuse_unaffordable(tokens)
         for item, what, by_tokens in self._limits:
-            cost = min(tokens, item.amount) if by_tokens else 1
+            cost = tokens if by_tokens else 1
             try:
                 allowed = await self._limiter.hit(item, tenant, cost=cost)
                 if allowed:
@@ -55,3 +60,11 @@ class TenantRateLimits:
                 return
             wait = max(1.0, stats.reset_time - time.time())
             raise RateLimited(f"tenant rate limit of {item.amount} {what}/s reached; retry later", wait)
+
+    def _refuse_unaffordable(self, tokens: int) -> None:
+        for item, _, by_tokens in self._limits:
+            if by_tokens and tokens > item.amount:
+                raise InvalidInput(
+                    f"this request costs {tokens} tokens of model calls; a tenant may use at most {item.amount} "
+                    "tokens per second, so it can never be admitted: send fewer or shorter inputs"
+                )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -14,7 +15,8 @@ from fastapi import FastAPI
 
 from server.api import api_router
 from server.api.errors import install_error_handlers
-from server.middleware import BodySizeLimit, RequestMetrics
+from server.connections import ConnectionLimits, GuardedH11Protocol
+from server.middleware import BodySizeLimit, RequestMetrics, StrictJSONBody
 from server.model import FrozenT5
 from server.runtime import Lifecycle
 from server.settings import Settings
@@ -40,9 +42,11 @@ def create_app(settings: Settings | None = None, model: FrozenT5 | None = None) 
         summary="Many soft prompts over one frozen T5, batched across tasks",
         lifespan=lifespan,
     )
+    lifecycle.api_keys.check()  # an unusable keys file stops start-up (fail closed)
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
     app.include_router(api_router)
+    app.add_middleware(StrictJSONBody)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=lifecycle.metrics)
     return app
@@ -70,12 +74,16 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(settings: Settings) -> None:
+    """Raises `KeysFileError` before anything starts when the API keys file is unusable."""
     app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level="info",
+        http=functools.partial(GuardedH11Protocol, limits=ConnectionLimits.of(settings)),  # type: ignore[arg-type]
+        ws="none",
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
         timeout_graceful_shutdown=settings.drain_timeout_s,
     )
     DrainingServer(config, app.state.lifecycle, settings.drain_delay_s).run()

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from server.errors import InferenceFailed, Overloaded
+from server.errors import InferenceFailed, InvalidInput, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +101,23 @@ class MixedTaskBatcher(Generic[P]):
         """Runs `fn` on the model thread, between batches (e.g. warm-up)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
+    @property
+    def is_full(self) -> bool:
+        """No room for even one more row (what a caller may check before reading a request at all)."""
+        return self._depth >= self.max_queue_size
+
+    def queue_full(self) -> Overloaded:
+        return Overloaded(f"the request queue is full ({self.max_queue_size} rows); retry shortly")
+
     def check_room(self, rows: int) -> None:
-        """Raises `Overloaded` if `rows` more rows would not fit: callers check before doing any work."""
+        """Raises `Overloaded` if `rows` more rows would not fit now: callers check before doing any work.
+
+        `InvalidInput` (permanent) if they could never fit: a client retrying a 503 must eventually succeed.
+        """
+        if rows > self.max_queue_size:
+            raise InvalidInput(f"{rows} rows in one request; this server queues at most {self.max_queue_size}")
         if self._depth + rows > self.max_queue_size:
-            raise Overloaded(f"the request queue is full ({self.max_queue_size} rows); retry shortly")
+            raise self.queue_full()
 
     def submit(self, payloads: list[P], costs: list[int], tenant: str) -> list[asyncio.Future[Any]]:
         """Queues rows (all or none) and returns one future per row, in order."""

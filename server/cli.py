@@ -10,9 +10,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from server.auth import ApiKeys
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -32,23 +35,41 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def serve(args: argparse.Namespace) -> None:
     from server.app import serve as run_server
+    from server.auth import KeysFileError
 
-    run_server(settings_from(args))
+    try:
+        run_server(settings_from(args))
+    except KeysFileError as error:  # fail closed, with one line an operator can act on
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def keys(args: argparse.Namespace) -> None:
-    from server.auth import ApiKeys
+    from server.auth import ApiKeys, KeysFileError
 
     api_keys = ApiKeys(settings_from(args).keys_file)
+    try:
+        _keys_command(api_keys, args)
+    except (KeysFileError, ValueError) as error:  # a corrupt file, an unknown or ambiguous id, a bad name
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _keys_command(api_keys: ApiKeys, args: argparse.Namespace) -> None:
     if args.keys_command == "add":
         print(api_keys.add(args.tenant, admin=args.admin))
     elif args.keys_command == "list":
-        print(json.dumps(api_keys.list(), indent=2))
+        listed = api_keys.list()
+        print(json.dumps(listed, indent=2))
+        print(f"auth mode in the keys file: {api_keys.file_mode} ({len(listed)} key(s))", file=sys.stderr)
     elif args.keys_command == "revoke":
-        removed = api_keys.revoke(args.hash_prefix)
-        print(f"revoked {removed} key(s)")
-        if not removed:
-            sys.exit(1)
+        revoked = api_keys.revoke(args.key_id)
+        print(f"revoked key {revoked.id} of tenant {revoked.tenant}")
+        if not api_keys.list():
+            print("no keys are left: every request is refused until `softserve keys add` (or `keys open`)")
+    elif args.keys_command == "open":
+        api_keys.open()
+        print("open mode: callers without a key are tenant `default` (never admin)")
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -254,9 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     add = keys_commands.add_parser("add", help="make a key for TENANT and print it once")
     add.add_argument("tenant")
     add.add_argument("--admin", action="store_true")
-    keys_commands.add_parser("list", help="list tenants and key hash prefixes")
-    revoke = keys_commands.add_parser("revoke", help="revoke keys by hash prefix")
-    revoke.add_argument("hash_prefix")
+    keys_commands.add_parser("list", help="list keys: id, tenant, admin, created_at")
+    revoke = keys_commands.add_parser("revoke", help="revoke one key by its exact id (see `keys list`)")
+    revoke.add_argument("key_id")
+    keys_commands.add_parser(
+        "open", help="serve callers without a key as tenant `default` again (only once no keys are left)"
+    )
     keys_parser.set_defaults(func=keys)
 
     bench_parser = commands.add_parser(

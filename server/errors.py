@@ -11,6 +11,11 @@ class InvalidInput(ServingError):
     """A field is well-formed JSON but not acceptable (too long, over a cap, no labels...)."""
 
 
+class NonFiniteScores(InvalidInput):
+    """The model's scores for one row are not finite (inf/nan), so it cannot be sampled or ranked: that row fails
+    (422, retrying cannot help) and the rows that shared its model call are served as usual."""
+
+
 class Overloaded(ServingError):
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
@@ -35,6 +40,10 @@ class Unauthorized(ServingError):
 
 class Forbidden(ServingError):
     """A valid key without the scope a route needs."""
+
+
+class AuthUnavailable(ServingError):
+    """The API keys cannot be read (a corrupt or removed keys file): every request is refused (fail closed)."""
 
 
 class InferenceFailed(ServingError):

@@ -1,16 +1,23 @@
 """`InferenceService`: the hot path between a validated request and the batcher.
 
-Resolve the task's prompt, apply its input template, tokenize and check limits, queue one work item
-per input row, wait (with a deadline) for the rows, and shape the response.
+Checks what the request alone decides (row count, sizes), then whether the queue has room; resolves
+the task's prompt; bounds the templated text before building it; templates and tokenizes in a worker
+thread; checks the token limits and each row's model cost; queues one work item per input row, waits
+(with a deadline) for the rows, and shapes the response. Permanent refusals (422) come before
+transient ones (503, 429), and cheap checks before expensive work.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pydantic import ValidationError
+
+from prompt_store.records import INPUT_PLACEHOLDER
 from server.admission import TenantRateLimits
 from server.batcher import MixedTaskBatcher
 from server.errors import ClientDisconnected, DeadlineExceeded, InvalidInput
@@ -18,6 +25,7 @@ from server.model import Decoding, FrozenT5, Generation, Row
 from server.registry import PromptRegistry, ResolvedPrompt
 from server.runner import ClassifyWork, GenerateWork, Work
 from server.schemas import (
+    MAX_LABELS,
     ClassifyOutput,
     ClassifyRequest,
     ClassifyResponse,
@@ -29,6 +37,11 @@ from server.schemas import (
 from server.settings import Settings
 
 ClientGone = Callable[[], Awaitable[None]]
+
+# `max_input_chars` 0 means this many characters per allowed token: far above what any text that fits in
+# `max_input_tokens` needs (a byte-level token is at most one character), so only absurd inputs are refused
+# before tokenizing.
+CHARS_PER_TOKEN = 64
 
 
 class InferenceService:
@@ -45,11 +58,14 @@ class InferenceService:
         self.batcher = batcher
         self.settings = settings
         self.rate_limits = rate_limits or TenantRateLimits.from_settings(settings)
+        self.max_chars = settings.max_input_chars or CHARS_PER_TOKEN * settings.max_input_tokens
+        # Tokenizing is CPU work: off the event loop, and no more at once than there are cores.
+        self._tokenizing = asyncio.Semaphore(os.cpu_count() or 1)
 
     async def generate(
         self, tenant: str, request: GenerateRequest, client_gone: ClientGone | None = None
     ) -> GenerateResponse:
-        self._shed_if_full(request.inputs)
+        texts = self._admissible_texts(request.inputs)
         resolved = await self.registry.resolve(tenant, request.task_id, request.version)
         params = self._parameters(resolved, request.parameters)
         decoding = Decoding(
@@ -60,7 +76,7 @@ class InferenceService:
             seed=params.seed,
         )
         task = (tenant, request.task_id)
-        rows = self._rows(resolved, request.inputs)
+        rows, _ = await self._tokenized(resolved, texts)
         works: list[Work] = [GenerateWork(row, task, decoding, params.max_new_tokens) for row in rows]
         results: list[Generation] = await self._run(works, tenant, client_gone)
         outputs = [
@@ -71,39 +87,23 @@ class InferenceService:
     async def classify(
         self, tenant: str, request: ClassifyRequest, client_gone: ClientGone | None = None
     ) -> ClassifyResponse:
-        self._shed_if_full(request.inputs)
+        texts = self._admissible_texts(request.inputs)
         resolved = await self.registry.resolve(tenant, request.task_id, request.version)
-        labels = request.labels or resolved.task.metadata.labels
-        if not labels:
-            raise InvalidInput("no labels: pass `labels` or upload the task with metadata labels")
-        if len(set(labels)) != len(labels):
-            raise InvalidInput("labels must be distinct")
-        targets = self.model.tokenize(labels)
+        labels = self._admissible_labels(request.labels or resolved.task.metadata.labels)
+        rows, targets = await self._tokenized(resolved, texts, labels)
         self._check_lengths(targets, "label")
         task = (tenant, request.task_id)
-        works: list[Work] = [ClassifyWork(row, task, targets) for row in self._rows(resolved, request.inputs)]
+        works: list[Work] = [ClassifyWork(row, task, targets) for row in rows]
         results: list[list[float]] = await self._run(works, tenant, client_gone)
         if request.length_normalize:
             results = [[s / len(t) for s, t in zip(scores, targets, strict=True)] for scores in results]
         outputs = [_classify_output(labels, scores) for scores in results]
         return ClassifyResponse(task_id=request.task_id, prompt_version=resolved.version, outputs=outputs)
 
-    def _shed_if_full(self, inputs: str | list[str]) -> None:
-        """Refuses at once, before any lookup or tokenizing, so overload costs as little as possible."""
-        self.batcher.check_room(1 if isinstance(inputs, str) else len(inputs))
-
-    def _parameters(self, resolved: ResolvedPrompt, given: GenerateParameters | None) -> GenerateParameters:
-        merged: dict[str, Any] = dict(resolved.task.metadata.parameters or {})
-        if given is not None:
-            merged.update(given.model_dump(exclude_unset=True))
-        params = GenerateParameters.model_validate(merged)
-        if params.max_new_tokens > self.settings.max_new_tokens:
-            raise InvalidInput(
-                f"max_new_tokens is {params.max_new_tokens}; this server's limit is {self.settings.max_new_tokens}"
-            )
-        return params
-
-    def _rows(self, resolved: ResolvedPrompt, inputs: str | list[str]) -> list[Row]:
+    def _admissible_texts(self, inputs: str | list[str]) -> list[str]:
+        """What the request alone decides, before any lookup or tokenizing: permanent refusals (422) first,
+        then room in the queue (503), so that a client retrying a 503 is not retrying a request that can never
+        be served."""
         texts = [inputs] if isinstance(inputs, str) else inputs
         if not texts:
             raise InvalidInput("inputs is empty")
@@ -111,12 +111,78 @@ class InferenceService:
             raise InvalidInput(
                 f"{len(texts)} inputs in one request; the limit is {self.settings.max_inputs_per_request}"
             )
+        self._check_chars(texts, "input")
+        self.batcher.check_room(len(texts))
+        return texts
+
+    def _admissible_labels(self, labels: list[str] | None) -> list[str]:
+        if not labels:
+            raise InvalidInput("no labels: pass `labels` or upload the task with metadata labels")
+        if len(labels) > MAX_LABELS:  # stored before uploads were checked (a request's own are checked already)
+            raise InvalidInput(f"{len(labels)} labels; the limit is {MAX_LABELS}")
+        if len(set(labels)) != len(labels):
+            raise InvalidInput("labels must be distinct")
+        self._check_chars(labels, "label")
+        return labels
+
+    def _check_chars(self, texts: list[str], what: str) -> None:
+        for i, text in enumerate(texts):
+            if len(text) > self.max_chars:
+                raise InvalidInput(f"{what} {i} has {len(text)} characters; the limit is {self.max_chars}")
+
+    def _parameters(self, resolved: ResolvedPrompt, given: GenerateParameters | None) -> GenerateParameters:
+        merged: dict[str, Any] = dict(resolved.task.metadata.parameters or {})
+        if given is not None:
+            merged.update(given.model_dump(exclude_unset=True))
+        try:
+            params = GenerateParameters.model_validate(merged)
+        except ValidationError as error:  # defaults stored under older, looser rules
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()[:5])
+            raise InvalidInput(
+                f"the task's default parameters, with this request's, are not valid: {problems}"
+            ) from None
+        if params.max_new_tokens > self.settings.max_new_tokens:
+            raise InvalidInput(
+                f"max_new_tokens is {params.max_new_tokens}; this server's limit is {self.settings.max_new_tokens}"
+            )
+        if params.num_beams * params.max_new_tokens > self.settings.max_beam_tokens:
+            raise InvalidInput(
+                f"num_beams * max_new_tokens is {params.num_beams} * {params.max_new_tokens}; this server's limit "
+                f"is {self.settings.max_beam_tokens}"
+            )
+        return params
+
+    async def _tokenized(
+        self, resolved: ResolvedPrompt, texts: list[str], labels: list[str] | None = None
+    ) -> tuple[list[Row], list[list[int]]]:
+        """Rows of the templated inputs, and the labels' token ids: built and tokenized in a worker thread."""
         template = resolved.task.metadata.input_template
+        self._check_templated_chars(template, texts)
+        async with self._tokenizing:
+            token_ids = await asyncio.to_thread(self._template_and_tokenize, template, texts, labels or [])
+        input_ids, label_ids = token_ids[: len(texts)], token_ids[len(texts) :]
+        self._check_lengths(input_ids, "input")
+        return [Row(resolved.embeddings, ids) for ids in input_ids], label_ids
+
+    def _check_templated_chars(self, template: str | None, texts: list[str]) -> None:
+        """A templated text's length is known before it is built: a template that repeats `{input}` cannot turn
+        a small request into a large one."""
+        if not template:
+            return
+        slots = template.count(INPUT_PLACEHOLDER)
+        fixed = len(template) - slots * len(INPUT_PLACEHOLDER)
+        for i, text in enumerate(texts):
+            length = fixed + slots * len(text)
+            if length > self.max_chars:
+                raise InvalidInput(
+                    f"input {i} is {length} characters once placed in the task's input template; "
+                    f"the limit is {self.max_chars}"
+                )
+
+    def _template_and_tokenize(self, template: str | None, texts: list[str], labels: list[str]) -> list[list[int]]:
         if template:
-            texts = [template.replace("{input}", text) for text in texts]
-        token_ids = self.model.tokenize(texts)
-        self._check_lengths(token_ids, "input")
-        return [Row(resolved.embeddings, ids) for ids in token_ids]
+            texts = [template.replace(INPUT_PLACEHOLDER, text) for text in texts]
+        return self.model.tokenize(texts + labels)
 
     def _check_lengths(self, token_ids: list[list[int]], what: str) -> None:
         limit = self.settings.max_input_tokens
@@ -124,13 +190,27 @@ class InferenceService:
             if len(ids) > limit:
                 raise InvalidInput(f"{what} {i} has {len(ids)} tokens; the limit is {limit}")
 
+    def _check_costs(self, works: list[Work]) -> None:
+        """A row costlier than a whole model call could never be batched within the budget."""
+        limit = self.settings.max_batch_tokens
+        for i, work in enumerate(works):
+            if work.cost > limit:
+                raise InvalidInput(
+                    f"input {i} costs {work.cost} tokens of one model call (prompt + input, times num_beams; for "
+                    f"classify plus labels * the longest label); the limit is {limit}: use fewer or shorter labels, "
+                    "fewer beams or a shorter input"
+                )
+
     async def _run(self, works: list[Work], tenant: str, client_gone: ClientGone | None) -> list[Any]:
         """Waits for the rows, the deadline, or the client leaving, whichever comes first.
 
-        Rows of a request that timed out or whose client left are dropped before they reach the model.
+        When the request ends for any reason its rows are marked abandoned: rows still queued are dropped, and
+        the model thread stops spending work on rows already taken (at the next group, or the next step).
         """
-        await self.rate_limits.admit(tenant, sum(len(w.row.input_ids) for w in works))
-        futures = self.batcher.submit(works, [w.row.num_tokens for w in works], tenant)
+        self._check_costs(works)
+        costs = [work.cost for work in works]
+        await self.rate_limits.admit(tenant, sum(costs))  # what the request puts into model calls, in full
+        futures = self.batcher.submit(works, costs, tenant)
         results = asyncio.gather(*futures)
         watchers: set[asyncio.Future[Any]] = {results}
         gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
@@ -146,6 +226,8 @@ class InferenceService:
                 raise ClientDisconnected("the client closed the connection")
             raise DeadlineExceeded(f"the request did not finish within {self.settings.request_timeout_s:g} s")
         finally:
+            for work in works:
+                work.row.abandoned.set()
             if gone is not None:
                 gone.cancel()
             results.cancel()  # cancels rows still queued; a no-op once done

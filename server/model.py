@@ -8,8 +8,11 @@ positions, so a row's outputs do not depend on the other rows of its batch.
 from __future__ import annotations
 
 import logging
+import math
 import os
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +22,12 @@ from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
     T5ForConditionalGeneration,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -28,14 +36,22 @@ from server.tiny import build_tiny_t5
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+SAMPLING_TOP_K = 50  # transformers' default for sampling, applied here with the other warpers
+SCORE_CHUNK_ELEMENTS = 2**25  # values in one scoring call's logits, and in its copies of encoder outputs
+NON_FINITE = "non_finite"
 
 
 @dataclass(frozen=True)
 class Row:
-    """One batch row: a prompt already on the model's device and dtype, and its input token ids."""
+    """One batch row: a prompt already on the model's device and dtype, and its input token ids.
+
+    `abandoned` is set by whoever waits for the row once it no longer wants the result (its client left, its
+    deadline passed): the model then stops spending work on it.
+    """
 
     prompt: torch.Tensor
     input_ids: list[int]
+    abandoned: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -57,7 +73,7 @@ class Decoding:
 class Generation:
     token_ids: list[int]
     text: str
-    finish_reason: str  # "eos" | "length"
+    finish_reason: str  # "eos" | "length" | NON_FINITE (the row's scores were inf/nan; no output)
 
 
 class SuppressUndecodable(LogitsProcessor):
@@ -69,6 +85,35 @@ class SuppressUndecodable(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scores[:, self.first_invalid_id :] = float("-inf")
         return scores
+
+
+class FiniteScoresGuard(LogitsProcessor):
+    """The last processor: a row whose scores hold NaN or +inf, or not one finite value, can be neither sampled
+    (`multinomial` raises for the whole call) nor ranked. It is marked failed and left only end-of-sequence, so
+    that it ends at once and the rows sharing its call carry on unchanged."""
+
+    def __init__(self, rows: int, beams: int, eos_token_id: int, device: torch.device) -> None:
+        self.beams = beams
+        self.eos_token_id = eos_token_id
+        self.failed = torch.zeros(rows, dtype=torch.bool, device=device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        broken = scores.isnan().any(-1) | scores.isposinf().any(-1) | ~scores.isfinite().any(-1)
+        self.failed |= broken.view(-1, self.beams).any(-1)
+        scores.masked_fill_(broken[:, None], float("-inf"))
+        scores[:, self.eos_token_id] = torch.where(broken, 0.0, scores[:, self.eos_token_id])
+        return scores
+
+
+class StopWhenAbandoned(StoppingCriteria):
+    """Ends a `generate` call at the next step once none of its rows' results is wanted any more."""
+
+    def __init__(self, rows: list[Row]) -> None:
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        stop = all(row.abandoned.is_set() for row in self.rows)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -102,11 +147,10 @@ class FrozenT5:
         self.d_model: int = config.d_model
         self.eos_token_id: int = config.eos_token_id
         self.pad_token_id: int = config.pad_token_id
+        self.vocab_size: int = config.vocab_size
         self.decodable_vocab = min(len(tokenizer), config.vocab_size)
         self._embed = self.model.get_input_embeddings()
-        self._processors = LogitsProcessorList()
-        if self.decodable_vocab < config.vocab_size:
-            self._processors.append(SuppressUndecodable(self.decodable_vocab))
+        self._suppress = [SuppressUndecodable(self.decodable_vocab)] if self.decodable_vocab < config.vocab_size else []
 
     @classmethod
     def load(cls, name: str, device: str = "auto", dtype: str = "auto") -> FrozenT5:
@@ -174,16 +218,19 @@ class FrozenT5:
 
     @torch.inference_mode()
     def generate(self, rows: list[Row], decoding: Decoding, max_new_tokens: list[int]) -> list[Generation]:
+        """A row whose scores turn non-finite ends with `finish_reason` NON_FINITE; the call stops early once
+        every row is abandoned."""
         embeds, mask = self.layout(rows)
         config = GenerationConfig(
             max_new_tokens=max(max_new_tokens),
             num_beams=decoding.num_beams,
             do_sample=decoding.do_sample,
+            **({"top_k": 0} if decoding.do_sample else {}),  # the sampling warpers are in `_processors`
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
             decoder_start_token_id=self.model.config.decoder_start_token_id,
-            **({"temperature": decoding.temperature, "top_p": decoding.top_p} if decoding.do_sample else {}),
         )
+        guard = FiniteScoresGuard(len(rows), decoding.num_beams, self.eos_token_id, self.device)
         with torch.random.fork_rng(devices=self._rng_devices(), enabled=decoding.seed is not None):
             if decoding.seed is not None:
                 torch.manual_seed(decoding.seed)
@@ -191,9 +238,28 @@ class FrozenT5:
                 inputs_embeds=embeds,
                 attention_mask=mask,
                 generation_config=config,
-                logits_processor=self._processors,
+                logits_processor=self._processors(decoding, guard),
+                stopping_criteria=StoppingCriteriaList([StopWhenAbandoned(rows)]),
             )
-        return [self._finish(seq[1:].tolist(), limit) for seq, limit in zip(sequences, max_new_tokens, strict=True)]
+        failed = guard.failed.tolist()
+        return [
+            Generation([], "", NON_FINITE) if bad else self._finish(seq[1:].tolist(), limit)
+            for seq, limit, bad in zip(sequences, max_new_tokens, failed, strict=True)
+        ]
+
+    def _processors(self, decoding: Decoding, guard: FiniteScoresGuard) -> LogitsProcessorList:
+        """transformers' own order (suppression, then temperature, top-k, top-p), with the guard last: the
+        library would put its sampling warpers after any processor passed in, where they could still overflow."""
+        processors = LogitsProcessorList(self._suppress)
+        if decoding.do_sample:
+            keep = 2 if decoding.num_beams > 1 else 1  # beam sampling keeps a token besides end-of-sequence
+            if decoding.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(decoding.temperature))
+            processors.append(TopKLogitsWarper(SAMPLING_TOP_K, min_tokens_to_keep=keep))
+            if decoding.top_p < 1.0:
+                processors.append(TopPLogitsWarper(decoding.top_p, min_tokens_to_keep=keep))
+        processors.append(guard)
+        return processors
 
     def _rng_devices(self) -> list[torch.device]:
         return [self.device] if self.device.type == "cuda" else []
@@ -209,32 +275,62 @@ class FrozenT5:
         return Generation(token_ids=kept, text=text, finish_reason=reason)
 
     @torch.inference_mode()
-    def score(self, rows: list[Row], targets: list[list[list[int]]]) -> list[list[float]]:
+    def score(
+        self, rows: list[Row], targets: list[list[list[int]]], chunk_elements: int = SCORE_CHUNK_ELEMENTS
+    ) -> list[list[float]]:
         """Summed log-probability of each row's candidate targets (token ids incl. EOS).
 
-        The encoder runs once per row; every candidate of a row reuses that row's encoder output.
+        The encoder runs once per row; every candidate of a row reuses that row's encoder output. Candidates are
+        scored in chunks whose logits, and whose copies of encoder outputs, hold at most about `chunk_elements`
+        values, so one call's memory is bounded however many and long the labels. Candidates of abandoned rows
+        are skipped (NaN). Non-finite sums are returned as they are: the caller decides what they mean.
         """
         hidden, mask = self.encode(rows)
-        owner = [i for i, candidates in enumerate(targets) for _ in candidates]
+        owners = [i for i, candidates in enumerate(targets) for _ in candidates]
         flat = [ids for candidates in targets for ids in candidates]
-        labels = torch.full((len(flat), max(map(len, flat))), -100, dtype=torch.long)
-        for j, ids in enumerate(flat):
-            labels[j, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        labels = labels.to(self.device)
-        index = torch.tensor(owner, device=self.device)
-        out = self.model(
-            encoder_outputs=BaseModelOutput(last_hidden_state=hidden[index]),
-            attention_mask=mask[index],
-            labels=labels,
-        )
-        log_probs = torch.log_softmax(out.logits.float(), dim=-1)
-        picked = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        sums = (picked * (labels != -100)).sum(dim=-1).tolist()
+        sums = [math.nan] * len(flat)
+        for chunk in self._score_chunks(flat, hidden.shape[1], chunk_elements):
+            wanted = [j for j in chunk if not rows[owners[j]].abandoned.is_set()]
+            if wanted:
+                scores = self._log_likelihoods(hidden, mask, [owners[j] for j in wanted], [flat[j] for j in wanted])
+                for j, total in zip(wanted, scores, strict=True):
+                    sums[j] = total
         result, cursor = [], 0
         for candidates in targets:
             result.append(sums[cursor : cursor + len(candidates)])
             cursor += len(candidates)
         return result
+
+    def _score_chunks(self, flat: list[list[int]], width: int, budget: int) -> Iterator[list[int]]:
+        """Consecutive candidate indices, as many per chunk as the budget allows (at least one)."""
+        chunk: list[int] = []
+        longest = 0
+        for j, ids in enumerate(flat):
+            longest_with = max(longest, len(ids))
+            if chunk and (len(chunk) + 1) * (longest_with * self.vocab_size + width * self.d_model) > budget:
+                yield chunk
+                chunk, longest_with = [], len(ids)
+            chunk.append(j)
+            longest = longest_with
+        if chunk:
+            yield chunk
+
+    def _log_likelihoods(
+        self, hidden: torch.Tensor, mask: torch.Tensor, owners: list[int], candidates: list[list[int]]
+    ) -> list[float]:
+        labels = torch.full((len(candidates), max(map(len, candidates))), -100, dtype=torch.long)
+        for j, ids in enumerate(candidates):
+            labels[j, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels = labels.to(self.device)
+        index = torch.tensor(owners, device=self.device)
+        logits = self.model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden[index]),
+            attention_mask=mask[index],
+            decoder_input_ids=self.model._shift_right(labels),  # what `labels=` does, without computing a loss
+        ).logits
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        picked = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return torch.where(labels != -100, picked, 0.0).sum(dim=-1).tolist()
 
     def warmup(self) -> None:
         row = Row(

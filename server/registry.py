@@ -25,8 +25,10 @@ from prompt_store import (
     TaskMetadata,
     TaskNotFound,
     TaskRecord,
+    VersionInfo,
     VersionNotFound,
 )
+from prompt_store.redis_store import unknown_version
 from server.metrics import ServerMetrics
 from server.prompt_cache import DevicePromptCache
 
@@ -75,7 +77,7 @@ class PromptRegistry:
             raise TaskNotFound(task_id)
         info = record.version_info(chosen)
         if info is None:
-            raise VersionNotFound(task_id, chosen)
+            record, info = await self._record_with_version(tenant, task_id, chosen, generation)
         key = (tenant, task_id, chosen, info.sha256)
         tensor = self._prompts.get(key)
         if tensor is None:
@@ -93,9 +95,34 @@ class PromptRegistry:
         if record is None:
             generation = self._generations.get(key, 0)
             record = await asyncio.to_thread(self.store.get_task, tenant, task_id)
-            if self._generations.get(key, 0) == generation:
-                self._records[key] = record
+            self._keep_record(key, generation, record)
         return record
+
+    def _keep_record(self, key: TaskKey, generation: int, record: TaskRecord) -> None:
+        """Caches a record fetched since `generation`, unless a change was noticed meanwhile (it may be stale)."""
+        if self._generations.get(key, 0) == generation:
+            self._records[key] = record
+
+    async def _record_with_version(
+        self, tenant: str, task_id: str, version: int, generation: int
+    ) -> tuple[TaskRecord, VersionInfo]:
+        """The cached record lacks `version`, but it may be older than the store's (a notice still on its way):
+        the store decides. While Redis is unreachable its disk mirror cannot tell that a version does not exist."""
+        record, mirrored = await asyncio.to_thread(self._fetch_task, tenant, task_id)
+        info = record.version_info(version)
+        if info is not None:
+            self._keep_record((tenant, task_id), generation, record)
+            return record, info
+        if mirrored:
+            raise unknown_version(task_id, version)
+        raise VersionNotFound(task_id, version)
+
+    def _fetch_task(self, tenant: str, task_id: str) -> tuple[TaskRecord, bool]:
+        """The task's record, and whether it is only the disk mirror's copy (Redis unreachable)."""
+        if isinstance(self.store, RedisStore):
+            record, source = self.store.get_task_traced(tenant, task_id)
+            return record, source == "disk"
+        return self.store.get_task(tenant, task_id), False
 
     async def _load(self, key: PromptKey) -> torch.Tensor:
         """Loads a cold prompt once, however many requests ask for it at the same time."""

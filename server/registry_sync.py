@@ -3,10 +3,13 @@
 Pub/sub loses every message sent while a connection is down, so notices alone are not enough:
 - notices: each write publishes one; the listener refreshes that task here (drop it; reload it if pinned).
 - reconciliation, on every (re)connect and every `registry_reconcile_s`: each cached task's `updated_at`
-  is compared with Redis in one pipelined round trip; changed or deleted tasks are refreshed.
-- health: while the listener cannot reach Redis the replica is degraded (`/ready` says so): requests are
-  served from the device cache and the disk mirror, writes answer 503. When Redis answers again, the
-  listener rebuilds Redis from the mirror if Redis lost its data, reconciles, and turns healthy: no restart.
+  is compared with Redis in one pipelined round trip; changed or deleted tasks are refreshed. The disk
+  mirror is synced with Redis too (what write-throughs missed), so it can serve the next outage.
+- health: the listener pings Redis several times per `redis_timeout_s`; a Redis that does not answer for
+  that long (down, or stalled: a subscription alone would wait forever) makes the replica degraded
+  (`/ready` says so): requests are served from the device cache and the disk mirror without trying Redis,
+  writes answer 503 without being sent. When Redis answers again, the listener rebuilds Redis from the
+  mirror if Redis lost its data, reconciles, and turns healthy: no restart.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from server.registry import PromptRegistry
 log = logging.getLogger(__name__)
 
 MAX_RETRY_S = 1.0
+PINGS_PER_TIMEOUT = 4
 
 
 class SyncMetrics:
@@ -43,6 +47,11 @@ class SyncMetrics:
             "softserve_registry_refreshes_total",
             "Cached tasks dropped because they changed elsewhere, by how it was learnt",
             ["cause"],
+            registry=r,
+        )
+        self.mirror_repairs = Counter(
+            "softserve_registry_mirror_repairs_total",
+            "Tasks the disk mirror lacked or held stale, copied from Redis by reconciliation",
             registry=r,
         )
 
@@ -104,22 +113,38 @@ class RegistrySync:
             delay = min(delay * 2, MAX_RETRY_S) if not self.healthy else 0.1
 
     async def _session(self) -> None:
-        loop = asyncio.get_running_loop()
         async with self._client.pubsub() as pubsub:
             await self._subscribe(pubsub)
             self._store.mark_available()
             await asyncio.to_thread(self._store.ensure_populated)
             await self.reconcile("connect")  # after subscribing: no change falls between the two
             self._set_up()
-            next_check = loop.time() + self._interval
-            while True:
-                wait = min(max(next_check - loop.time(), 0.0), 1.0)
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
-                if message is not None and message["type"] == "message":
+            await self._listen(pubsub)
+
+    async def _listen(self, pubsub: aioredis.client.PubSub) -> None:
+        """Handles notices, reconciles every `registry_reconcile_s`, and pings Redis several times per timeout:
+        raises `TimeoutError` when Redis has not answered for `timeout_s` (a stall sends no error at all)."""
+        loop = asyncio.get_running_loop()
+        timeout, ping_every = self._store.timeout_s, self._store.timeout_s / PINGS_PER_TIMEOUT
+        heard = next_ping = loop.time()
+        next_check = heard + self._interval
+        while True:
+            wait = max(min(next_ping, next_check) - loop.time(), 0.0)
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
+            now = loop.time()
+            if message is not None:
+                heard = now
+                if message["type"] == "message":
                     self._on_notice(message["data"])
-                if loop.time() >= next_check:
-                    await self.reconcile("periodic")
-                    next_check = loop.time() + self._interval
+            elif now - heard > timeout:  # only once nothing is left to read: a busy loop is not a stalled Redis
+                raise TimeoutError(f"Redis did not answer a ping within {timeout:g} s (stalled?)")
+            if now >= next_ping:
+                await pubsub.ping()
+                next_ping = now + ping_every
+            if now >= next_check:
+                await self.reconcile("periodic")
+                heard = loop.time()  # it talked to Redis meanwhile; the pongs it left unread are read next
+                next_check = heard + self._interval
 
     async def _subscribe(self, pubsub: aioredis.client.PubSub) -> None:
         await pubsub.subscribe(self._store.channel)
@@ -151,10 +176,21 @@ class RegistrySync:
             if self._registry.refresh(tenant, task_id):
                 self._metrics.refreshes.labels(cause="reconcile").inc()
         await self._registry.preload(only_missing=True)
+        await self._sync_mirror()
         self._metrics.reconciles.labels(trigger=trigger).inc()
         if stale:
             log.info("reconciliation (%s) refreshed %d task(s)", trigger, len(stale))
         return len(stale)
+
+    async def _sync_mirror(self) -> None:
+        """Repairs the disk mirror from Redis. A disk that cannot be written is logged and retried next time:
+        it does not make Redis unreachable, so it must not make the replica degraded."""
+        try:
+            repaired = await asyncio.to_thread(self._store.sync_mirror)
+        except OSError:
+            log.exception("could not sync the disk mirror with Redis; retried at the next reconciliation")
+            return
+        self._metrics.mirror_repairs.inc(repaired)
 
     def _set_up(self) -> None:
         if not self.healthy:
@@ -166,6 +202,7 @@ class RegistrySync:
     def _set_down(self, problem: str) -> None:
         if self.healthy:
             log.warning("lost the Redis registry (%s): degraded until it is back", problem)
+        self._store.mark_unavailable()
         self.problem = problem
         self._connected.clear()
         self._metrics.store_up.set(0)

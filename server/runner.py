@@ -1,14 +1,16 @@
 """Turns a batch of work items (any tasks, any prompt lengths) into model calls.
 
-All classify rows of a batch share one encoder pass and one decoder pass. Generate rows share one
-`generate` call per decoding group: greedy rows always share one; beam and sampled rows are grouped
-by their settings, and a seeded sampled row runs alone so that its draws do not depend on its
-neighbours. Rows of different tasks never need separate calls.
+All classify rows of a batch share one encoder pass (their labels are scored in memory-bounded chunks).
+Generate rows share one `generate` call per decoding group: greedy rows always share one; beam and
+sampled rows are grouped by their settings, and a seeded sampled row runs alone so that its draws do
+not depend on its neighbours. Rows of different tasks never need separate calls. Before each group,
+rows whose request has ended (client gone, deadline passed) are skipped.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Hashable
@@ -16,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from server.errors import Overloaded
+from server.errors import ClientDisconnected, NonFiniteScores, Overloaded
 from server.metrics import ServerMetrics
-from server.model import Decoding, FrozenT5, Generation, Row
+from server.model import NON_FINITE, Decoding, FrozenT5, Generation, Row
 
 
 @dataclass(frozen=True)
@@ -28,12 +30,22 @@ class GenerateWork:
     decoding: Decoding
     max_new_tokens: int
 
+    @property
+    def cost(self) -> int:
+        """Tokens the row adds to a model call: every beam carries the row's encoder output."""
+        return self.row.num_tokens * self.decoding.num_beams
+
 
 @dataclass(frozen=True)
 class ClassifyWork:
     row: Row
     task: tuple[str, str]
     targets: list[list[int]]
+
+    @property
+    def cost(self) -> int:
+        """The encoder's tokens plus the decoder positions scored: each label padded to the longest."""
+        return self.row.num_tokens + len(self.targets) * max(map(len, self.targets))
 
 
 log = logging.getLogger(__name__)
@@ -51,12 +63,23 @@ class BatchRunner:
         started = time.perf_counter()
         results: list[Result | None] = [None] * len(batch)
         for indices in self._groups(batch).values():
-            self._run_group([batch[i] for i in indices], indices, results)
+            wanted = self._skip_abandoned(batch, indices, results)
+            if wanted:
+                self._run_group([batch[i] for i in wanted], wanted, results)
         if self.metrics is not None:
             self.metrics.inference_duration.observe(time.perf_counter() - started)
             self.metrics.batch_size.observe(len(batch))
             self.metrics.batch_tasks.observe(len({work.task for work in batch}))
         return results  # type: ignore[return-value]
+
+    def _skip_abandoned(self, batch: list[Work], indices: list[int], results: list[Result | None]) -> list[int]:
+        """The rows of a group still wanted; the others never reach the model (counted as dropped rows)."""
+        wanted = [i for i in indices if not batch[i].row.abandoned.is_set()]
+        for i in set(indices) - set(wanted):
+            results[i] = ClientDisconnected("the request ended before its row reached the model")
+        if self.metrics is not None and len(wanted) < len(indices):
+            self.metrics.dropped_rows.inc(len(indices) - len(wanted))
+        return wanted
 
     @staticmethod
     def _groups(batch: list[Work]) -> dict[Hashable, list[int]]:
@@ -98,9 +121,11 @@ class BatchRunner:
         rows = [work.row for work in works]
         first = works[0]
         if isinstance(first, ClassifyWork):
-            return list(self.model.score(rows, [w.targets for w in works]))  # type: ignore[union-attr]
+            scores = self.model.score(rows, [w.targets for w in works])  # type: ignore[union-attr]
+            return [s if all(map(math.isfinite, s)) else _non_finite() for s in scores]
         limits = [w.max_new_tokens for w in works]  # type: ignore[union-attr]
-        return list(self.model.generate(rows, first.decoding, limits))
+        generations = self.model.generate(rows, first.decoding, limits)
+        return [_non_finite() if g.finish_reason == NON_FINITE else g for g in generations]
 
 
 def _group_key(work: Work, index: int) -> Hashable:
@@ -112,6 +137,13 @@ def _group_key(work: Work, index: int) -> Hashable:
     if decoding.do_sample and decoding.seed is not None:
         return ("seeded", index)
     return ("decode", decoding, work.max_new_tokens)
+
+
+def _non_finite() -> NonFiniteScores:
+    return NonFiniteScores(
+        "the model's scores for this input are not finite (inf or nan), so it cannot be decoded or ranked: "
+        "the task's prompt values or the sampling settings overflow; other inputs are not affected"
+    )
 
 
 def _out_of_memory() -> Overloaded:

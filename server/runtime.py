@@ -13,6 +13,7 @@ from server.inference import InferenceService
 from server.jobs.service import TrainingService, build_training
 from server.metrics import BatcherMetrics, ServerMetrics
 from server.model import FrozenT5
+from server.prompt_service import PromptService
 from server.registry import PromptRegistry, TaskKey
 from server.registry_sync import RegistrySync
 from server.runner import BatchRunner, Work
@@ -36,6 +37,7 @@ class Runtime:
     batcher: MixedTaskBatcher[Work]
     inference: InferenceService
     training: TrainingService
+    prompts: PromptService
     sync: RegistrySync | None = None
 
     def degraded(self) -> str | None:
@@ -110,7 +112,8 @@ async def build_runtime(settings: Settings, metrics: ServerMetrics, model: Froze
     inference = InferenceService(model, registry, batcher, settings)
     training = build_training(settings, model, registry, metrics.training)
     await training.start()
-    return Runtime(settings, model, store, registry, batcher, inference, training, sync)
+    prompts = PromptService(model, registry, settings)
+    return Runtime(settings, model, store, registry, batcher, inference, training, prompts, sync)
 
 
 @dataclass
@@ -125,7 +128,7 @@ class Lifecycle:
     api_keys: ApiKeys = field(init=False)
 
     def __post_init__(self) -> None:
-        self.api_keys = ApiKeys(self.settings.keys_file)
+        self.api_keys = ApiKeys(self.settings.keys_file, self.settings.auth)
 
     async def start(self, model: FrozenT5 | None) -> None:
         try:

@@ -5,27 +5,50 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prompt_store import TASK_ID_PATTERN, TaskMetadata, TaskRecord, VersionInfo
+from prompt_store.records import INPUT_PLACEHOLDER, Utf8Text, text_problem
 
 MAX_LABELS = 64
+MIN_TEMPERATURE = 1e-2
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class GenerateParameters(StrictModel):
     max_new_tokens: int = Field(20, ge=1)
     num_beams: int = Field(1, ge=1, le=16)
     do_sample: bool = False
-    temperature: float = Field(1.0, gt=0, le=100)
+    temperature: float = Field(
+        1.0,
+        ge=MIN_TEMPERATURE,
+        le=100,
+        description=f"sampling temperature, at least {MIN_TEMPERATURE:g}: below it sampling is greedy in all but "
+        "name and dividing the scores by it can overflow (use `do_sample: false` for greedy)",
+    )
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
 
-class GenerateRequest(StrictModel):
+def unicode_texts(texts: str | list[str] | None) -> str | list[str] | None:
+    """Inputs and labels go to the tokenizer: each must be valid Unicode (`text_problem`)."""
+    for i, text in enumerate([texts] if isinstance(texts, str) else texts or []):
+        problem = text_problem(text)
+        if problem:
+            raise ValueError(problem if isinstance(texts, str) else f"item {i} {problem}")
+    return texts
+
+
+class TextRequest(StrictModel):
+    """Inputs and labels go to the tokenizer: they must be valid Unicode."""
+
+    _unicode = field_validator("inputs", "labels", check_fields=False)(unicode_texts)
+
+
+class GenerateRequest(TextRequest):
     task_id: str = Field(pattern=TASK_ID_PATTERN)
     inputs: str | list[str] = Field(description="one input, or a list (each is one batch row)")
     version: int | None = Field(None, ge=1, description="pin a prompt version; default: the active one")
@@ -44,7 +67,7 @@ class GenerateResponse(BaseModel):
     outputs: list[GenerateOutput]
 
 
-class ClassifyRequest(StrictModel):
+class ClassifyRequest(TextRequest):
     task_id: str = Field(pattern=TASK_ID_PATTERN)
     inputs: str | list[str]
     labels: list[str] | None = Field(None, min_length=1, max_length=MAX_LABELS)
@@ -65,10 +88,29 @@ class ClassifyResponse(BaseModel):
 
 
 class UploadMetadata(TaskMetadata):
-    model_config = ConfigDict(extra="forbid")
-    labels: list[str] | None = Field(None, min_length=1, max_length=MAX_LABELS)
+    """An upload's `metadata` field: strict JSON types (`"yes"` is no boolean, `true` no number), finite
+    numbers, and nothing serving would refuse later that can be told without the server's settings."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    labels: list[Utf8Text] | None = Field(None, min_length=1, max_length=MAX_LABELS)
     parameters: GenerateParameters | None = None  # type: ignore[assignment]
     activate: bool = True
+
+    @field_validator("labels")
+    @classmethod
+    def _usable_labels(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is not None and not all(labels):
+            raise ValueError("a label may not be empty")
+        if labels is not None and len(set(labels)) != len(labels):
+            raise ValueError("labels must be distinct")
+        return labels
+
+    @field_validator("input_template")
+    @classmethod
+    def _one_input(cls, template: str | None) -> str | None:
+        if template is not None and template.count(INPUT_PLACEHOLDER) != 1:
+            raise ValueError(f"the template must hold {INPUT_PLACEHOLDER} exactly once (where the input goes)")
+        return template
 
     def task_metadata(self) -> TaskMetadata:
         data = self.model_dump(exclude={"activate"}, exclude_none=True)

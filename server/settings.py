@@ -29,7 +29,12 @@ class Settings(BaseSettings):
         5.0, gt=0, description="how often a replica checks its cached tasks against Redis (pub/sub can lose notices)"
     )
     max_batch_size: int = Field(32, ge=1, description="rows per model call")
-    max_batch_tokens: int = Field(16384, ge=1, description="prompt + input tokens per model call")
+    max_batch_tokens: int = Field(
+        16384,
+        ge=1,
+        description="prompt + input tokens per model call (a beam row counts `num_beams` times; a classify row "
+        "adds labels * its longest label); a request with one row above it is refused (422)",
+    )
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
     max_queue_size: int = Field(1024, ge=1, description="rows waiting before 503")
     prompt_cache_mb: float = Field(512.0, gt=0, description="device prompt cache budget")
@@ -38,15 +43,52 @@ class Settings(BaseSettings):
         description="comma-separated `tenant/task` (or `task` of tenant `default`): loaded at start, never evicted",
     )
     api_keys_file: Path | None = Field(None, description="hashed API keys (default `<data dir>/api_keys.json`)")
+    auth: Literal["auto", "keys", "open"] = Field(
+        "auto",
+        description="`auto`: the keys file decides (no file: open; once a key was added: keys, even with none "
+        "left); `keys`: a key is always needed; `open`: anonymous callers are tenant `default` (never admin)",
+    )
     max_prompt_length: int = Field(512, ge=1, description="longest accepted prompt (rows)")
     max_input_tokens: int = Field(512, ge=1, description="longest accepted input, in tokens")
+    max_input_chars: int = Field(
+        0,
+        ge=0,
+        description="longest accepted input or label in characters, after the task's template, checked before "
+        "tokenizing (0: 64 * `max_input_tokens`)",
+    )
     max_new_tokens: int = Field(256, ge=1, description="cap on `parameters.max_new_tokens`")
+    max_beam_tokens: int = Field(
+        1024, ge=1, description="cap on `parameters.num_beams` * `parameters.max_new_tokens` (422 above)"
+    )
+    max_template_chars: int = Field(
+        2000, ge=1, description="longest `input_template` a task may store, in characters (it must hold one `{input}`)"
+    )
     max_inputs_per_request: int = Field(64, ge=1, description="rows one request may carry")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="request body limit")
     request_timeout_s: float = Field(60.0, gt=0, description="per-request deadline (504 after it)")
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        description="open HTTP connections; beyond it the longest-idle one is closed, or the request gets 503",
+    )
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="an idle keep-alive connection is closed after this")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection that has not sent a whole request head within this is closed"
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="a request body that stops arriving, or a response the client stops reading, for this long "
+        "closes its connection",
+    )
     metrics_require_key: bool = Field(False, description="`/metrics` answers only to admin keys")
     rate_limit_requests_per_s: int = Field(0, ge=0, description="per-tenant requests/s (0: no limit)")
-    rate_limit_tokens_per_s: int = Field(0, ge=0, description="per-tenant input tokens/s (0: no limit)")
+    rate_limit_tokens_per_s: int = Field(
+        0,
+        ge=0,
+        description="per-tenant tokens/s put into model calls, counted as `max_batch_tokens` counts them (prompt + "
+        "input per row, and so on); a request above it is refused (422) (0: no limit)",
+    )
     max_tasks_per_tenant: int = Field(0, ge=0, description="tasks a tenant may store (0: no limit)")
     drain_delay_s: float = Field(1.0, ge=0, description="after SIGTERM, /ready answers 503 this long before closing")
     drain_timeout_s: float = Field(60.0, ge=0, description="after that, how long in-flight requests may take")
@@ -59,6 +101,15 @@ class Settings(BaseSettings):
     )
     training_checkpoint_every: int = Field(
         100, ge=0, description="steps between checkpoints of a training job (0: none; a lost job then restarts)"
+    )
+    training_max_steps: int = Field(
+        100_000, ge=1, description="most `config.steps` a training job may ask for; 422 beyond"
+    )
+    training_time_slice_s: float = Field(
+        60.0,
+        ge=0,
+        description="a training job that has run this long yields to another tenant's queued job: it is "
+        "checkpointed, queued again and resumes later where it stopped (0: never yields)",
     )
     training_lease_s: float = Field(
         30.0, gt=0, description="`store=redis`: a running job's lease, renewed by its worker every third of it"

@@ -1,4 +1,5 @@
-"""A real `redis-server` for tests and benches: free port, AOF in a temp dir, stop/kill/restart on the same data.
+"""A real `redis-server` for tests and benches: free port, AOF in a temp dir, stop/kill/restart on the same data,
+and pause/resume (SIGSTOP/SIGCONT: a stalled Redis, which accepts connections and answers nothing).
 
 Configured as production is (docker-compose.yml): `appendonly yes`, `appendfsync everysec`,
 `maxmemory-policy noeviction`; RDB snapshots off so the AOF alone proves durability.
@@ -6,7 +7,9 @@ Configured as production is (docker-compose.yml): `appendonly yes`, `appendfsync
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -27,6 +30,7 @@ class RedisServer:
         self.data_dir = data_dir
         self.port = port or free_port()
         self._process: subprocess.Popen[bytes] | None = None
+        self._paused = False
 
     @property
     def url(self) -> str:
@@ -68,8 +72,21 @@ class RedisServer:
             time.sleep(0.02)
         raise TimeoutError(f"redis-server on port {self.port} did not answer within {timeout_s} s")
 
+    def pause(self) -> None:
+        """Stalls Redis (SIGSTOP): the kernel still accepts connections and buffers commands; nothing answers."""
+        assert self._process is not None and self.running
+        os.kill(self._process.pid, signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        """Ends a stall (SIGCONT): Redis runs whatever was buffered meanwhile."""
+        if self._paused and self._process is not None:
+            os.kill(self._process.pid, signal.SIGCONT)
+        self._paused = False
+
     def stop(self) -> None:
         """A clean shutdown: Redis flushes its AOF before it exits."""
+        self.resume()
         if not self.running:
             return
         try:
@@ -81,6 +98,7 @@ class RedisServer:
 
     def kill(self) -> None:
         """A crash (SIGKILL): with `appendfsync everysec` at most the last second of writes is lost."""
+        self._paused = False  # SIGKILL ends a stopped process too
         if self.running:
             assert self._process is not None
             self._process.kill()

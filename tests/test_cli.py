@@ -79,9 +79,9 @@ def test_keys_turn_auth_on_without_a_restart(served: tuple[str, Path]) -> None:
 
     listed = json.loads(run_cli("keys", "--data-dir", str(data_dir), "list").stdout)
     assert [entry["tenant"] for entry in listed] == ["acme"]
-    revoked = run_cli("keys", "--data-dir", str(data_dir), "revoke", listed[0]["hash"])
+    revoked = run_cli("keys", "--data-dir", str(data_dir), "revoke", listed[0]["id"])
     assert revoked.returncode == 0
-    assert httpx.get(f"{url}/v1/prompts").status_code == 200  # the last key is gone: auth off again
+    assert httpx.get(f"{url}/v1/prompts").status_code == 401  # the last key is gone: auth stays on (fails closed)
 
 
 def test_sync_and_async_clients(base_url: str) -> None:

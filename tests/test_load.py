@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from server.auth import ApiKeys
 from tests.serving import server_process
 
 INPUTS = ["alpha beta", "gamma", "delta epsilon zeta", "eta"]
@@ -79,13 +80,14 @@ def test_a_flooding_tenant_does_not_starve_a_quiet_one(tmp_path: Path) -> None:
     # One model thread: on two shared cores the flood's HTTP work and the model's threads would otherwise
     # fight over the cores and the latencies would measure that, not the batcher.
     flags = ("--max-batch-size", "16", "--max-wait-ms", "25", "--max-queue-size", "4096", "--cpu-threads", "1")
+    admin = {"Authorization": f"Bearer {ApiKeys(tmp_path / 'api_keys.json').add('ops', admin=True)}"}  # acts as both
     with server_process(tmp_path, *flags) as (_, url):
-        upload(url, "a-task", 1, {"X-Softserve-Tenant": "flooder"})
-        upload(url, "b-task", 2, {"X-Softserve-Tenant": "quiet"})
+        upload(url, "a-task", 1, {"X-Softserve-Tenant": "flooder", **admin})
+        upload(url, "b-task", 2, {"X-Softserve-Tenant": "quiet", **admin})
 
         def quiet_latencies(count: int) -> list[float]:
             latencies = []
-            with httpx.Client(base_url=url, timeout=120) as client:
+            with httpx.Client(base_url=url, timeout=120, headers=admin) as client:
                 for _ in range(count):
                     started = time.perf_counter()
                     assert generate(client, "b-task", INPUTS[:1], "quiet").status_code == 200
@@ -100,7 +102,7 @@ def test_a_flooding_tenant_does_not_starve_a_quiet_one(tmp_path: Path) -> None:
 
         def flood() -> int:
             sent = 0
-            with httpx.Client(base_url=url, timeout=120) as client:
+            with httpx.Client(base_url=url, timeout=120, headers=admin) as client:
                 while flooding and sent < 500:
                     generate(client, "a-task", INPUTS * 4, "flooder")  # 16 rows a request
                     sent += 1

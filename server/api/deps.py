@@ -21,7 +21,8 @@ ACT_AS_HEADER = "x-softserve-tenant"
 
 
 def caller(request: Request) -> Caller:
-    """The tenant is decided by the key; an admin key may act for another tenant with a header."""
+    """The tenant is decided by the key; an admin key may act for another tenant with a header. An anonymous
+    caller of an open server is never an admin, so the header always needs a real admin key."""
     who = request.app.state.lifecycle.api_keys.authenticate(request.headers.get("authorization"))
     act_as = request.headers.get(ACT_AS_HEADER)
     if act_as is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,6 +19,7 @@ from prompt_store import (
     VersionNotFound,
 )
 from server.errors import (
+    AuthUnavailable,
     ClientDisconnected,
     DeadlineExceeded,
     Forbidden,
@@ -39,6 +41,15 @@ class BodyTooLarge(Exception):
         super().__init__(f"the request body is larger than this server's limit of {limit} bytes")
 
 
+class BodyRefused(StarletteHTTPException):
+    """A body refused while it is read (by a middleware's `receive`). An HTTP exception, because FastAPI
+    re-raises those from its body reading, where it turns any other error into a generic 400."""
+
+    def __init__(self, status_code: int, code: str, message: str) -> None:
+        super().__init__(status_code, message)
+        self.code = code
+
+
 # (exception type, HTTP status, error code, seconds for Retry-After or None)
 ERROR_TABLE: list[tuple[type[Exception], int, str, float | None]] = [
     (TaskNotFound, 404, "not_found", None),
@@ -53,6 +64,7 @@ ERROR_TABLE: list[tuple[type[Exception], int, str, float | None]] = [
     (DeadlineExceeded, 504, "deadline_exceeded", None),
     (Unauthorized, 401, "unauthorized", None),
     (Forbidden, 403, "forbidden", None),
+    (AuthUnavailable, 503, "auth_unavailable", None),
     (BodyTooLarge, 413, "body_too_large", None),
     (ClientDisconnected, 499, "client_closed_request", None),
     (InferenceFailed, 500, "inference_failed", None),
@@ -86,19 +98,43 @@ def documented_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse, "description": HTTP_CODES.get(status, "error")} for status in statuses}
 
 
+# `<ast.Call object at 0x7f...>`, `<function f at 0x...>`: reprs that libraries put in their messages.
+OBJECT_REPR = re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>")
+MEMORY_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{8,}\b")
+TRACEBACK = "Traceback (most recent call last)"
+MAX_MESSAGE_CHARS = 1000
+
+
+def client_message(message: str) -> str:
+    """What an error may tell a client. Messages quote library errors and what the client sent, so: no
+    reprs of server objects or memory addresses, no tracebacks, and a bounded length."""
+    message = OBJECT_REPR.sub("<object>", message.split(TRACEBACK, 1)[0])
+    message = MEMORY_ADDRESS.sub("0x…", message).strip()
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 1] + "…"
+    return message or "the request was refused"
+
+
 def error_response(status: int, code: str, message: str, retry_after: float | None = None) -> JSONResponse:
+    """The one error body: `{"error": {"code", "message"}}`, the message made safe for clients."""
     headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    body = {"error": {"code": code, "message": client_message(message)}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _field_path(location: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in location if part != "body") or "body"
 
 
 def _validation_message(error: RequestValidationError) -> tuple[int, str, str]:
+    """Only each problem's location and `msg` (never its `input` or `ctx`, which may hold any object)."""
     problems = error.errors()
-    if any(p.get("type") == "json_invalid" for p in problems):
-        return 400, "malformed_json", "the request body is not valid JSON"
-    parts = []
-    for problem in problems[:5]:
-        where = ".".join(str(x) for x in problem.get("loc", ()) if x != "body") or "body"
-        parts.append(f"{where}: {problem.get('msg', 'invalid')}")
+    for problem in problems:
+        if problem.get("type") == "json_invalid":
+            detail = (problem.get("ctx") or {}).get("error")
+            suffix = f": {detail}" if isinstance(detail, str) else ""
+            return 400, "malformed_json", f"the request body is not valid JSON{suffix}"
+    parts = [f"{_field_path(problem.get('loc', ()))}: {problem.get('msg', 'invalid')}" for problem in problems[:5]]
     return 422, "invalid_request", "; ".join(parts)
 
 
@@ -121,7 +157,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = HTTP_CODES.get(exc.status_code, "http_error")
+        code = getattr(exc, "code", None) or HTTP_CODES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)

@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Path, Query, Response, UploadFile
-from pydantic import ValidationError
+from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, Response, UploadFile
 
-from prompt_store import TASK_ID_PATTERN, PromptFormat, dump_prompt, load_prompt_bytes, validate_prompt
+from prompt_store import TASK_ID_PATTERN, PromptFormat, dump_prompt
 from server.api.deps import caller, runtime
 from server.api.errors import documented_errors
 from server.auth import Caller
-from server.errors import InvalidInput, RateLimited
+from server.errors import InvalidInput
 from server.runtime import Runtime
-from server.schemas import ActivateRequest, PromptList, PromptSummary, TaskView, UploadMetadata, UploadResponse
+from server.schemas import ActivateRequest, PromptList, PromptSummary, TaskView, UploadResponse
 
 router = APIRouter(
     prefix="/v1/prompts", tags=["prompts"], responses=documented_errors(400, 401, 403, 404, 413, 415, 422, 429, 503)
@@ -31,18 +30,21 @@ MEDIA_TYPES = {
 }
 
 
-def _parse_metadata(raw: str | None) -> UploadMetadata:
-    if raw is None or not raw.strip():
-        return UploadMetadata()
-    try:
-        return UploadMetadata.model_validate_json(raw)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ())) or "metadata"
-        raise InvalidInput(f"metadata is invalid: {where}: {first.get('msg')}") from None
+UPLOAD_PARTS = ("file", "metadata")
 
 
-@router.put("/{task_id}", status_code=201, response_model=UploadResponse)
+async def one_of_each_part(request: Request) -> None:
+    """A form with two `file` parts would keep only the last one; ambiguity and unknown parts are refused."""
+    names = [name for name, _ in (await request.form()).multi_items()]
+    unknown = sorted(set(names) - set(UPLOAD_PARTS))
+    if unknown:
+        raise InvalidInput(f"unknown form fields {unknown}; an upload has the parts {list(UPLOAD_PARTS)}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InvalidInput(f"the form has more than one {repeated[0]!r} part; send each part once")
+
+
+@router.put("/{task_id}", status_code=201, response_model=UploadResponse, dependencies=[Depends(one_of_each_part)])
 async def upload_prompt(
     task_id: TaskId,
     who: Who,
@@ -50,14 +52,8 @@ async def upload_prompt(
     file: Annotated[UploadFile, File(description="safetensors, .npy, or a PEFT adapter (zip/tar)")],
     metadata: Annotated[str | None, Form(description="JSON: labels, description, input_template, ...")] = None,
 ) -> UploadResponse:
-    meta = _parse_metadata(metadata)
-    await check_task_quota(rt, who.tenant, task_id)
-    data = await file.read()
-    tensor = await asyncio.to_thread(load_prompt_bytes, data)
-    prompt = validate_prompt(tensor, rt.model.d_model, rt.settings.max_prompt_length)
-    record = await rt.registry.add_version(
-        who.tenant, task_id, prompt, meta.task_metadata(), meta.activate, rt.model.model_id
-    )
+    meta = rt.prompts.parse_metadata(metadata)
+    record = await rt.prompts.upload(who.tenant, task_id, file.file, meta)
     version = record.versions[-1]
     return UploadResponse(
         task_id=task_id,
@@ -70,12 +66,8 @@ async def upload_prompt(
 
 
 async def check_task_quota(rt: Runtime, tenant: str, task_id: str) -> None:
-    limit = rt.settings.max_tasks_per_tenant
-    if not limit:
-        return
-    existing = {record.task_id for record in await rt.registry.list_tasks(tenant)}
-    if task_id not in existing and len(existing) >= limit:
-        raise RateLimited(f"this tenant's quota of {limit} tasks is used; delete a task first", retry_after_s=60)
+    """Also asked before a training job is queued: its result becomes a task too."""
+    await rt.prompts.check_quota(tenant, task_id)
 
 
 @router.get("", response_model=PromptList)

@@ -3,6 +3,11 @@
 Every problem is reported with where it is (`train line 7`, or `train item 7` for a JSON body), so a
 client can fix its file. Over-long means longer than this server's `max_input_tokens` (`</s>` included):
 such an input could not be served, so a prompt trained on it would be trained on what it never sees.
+
+Parsing a large upload takes seconds of CPU: the API runs these functions in a worker thread, never on
+the event loop. Lines are strict JSON (no `NaN`/`Infinity`), split on `\n` only (JSON text may hold
+U+2028 or U+0085, which `str.splitlines` would split on), and every text must be valid Unicode (a lone
+surrogate such as `"\ud800"` parses, but cannot be tokenized).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from prompt_store.records import text_problem
+from server import strict_json
 from server.jobs.errors import InvalidDataset
 from server.model import FrozenT5
 from server.training import TrainingExample
@@ -19,6 +26,7 @@ from server.training import TrainingExample
 FIELDS = ("input", "target")
 SHAPE = 'each example is {"input": "...", "target": "..."}'
 MORE_PROBLEMS_SHOWN = 3
+JSON_WHITESPACE = " \t\r"
 
 
 @dataclass
@@ -48,21 +56,24 @@ class Dataset:
 
 
 class _Problems:
-    """Collects problems; raises one `InvalidDataset` naming the first few."""
+    """Counts problems, keeping the first few (a million bad lines must not keep a million messages);
+    raises one `InvalidDataset` naming them."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.found: list[str] = []
+        self.shown: list[str] = []
+        self.count = 0
 
     def add(self, message: str) -> None:
-        self.found.append(message)
+        self.count += 1
+        if len(self.shown) < MORE_PROBLEMS_SHOWN:
+            self.shown.append(message)
 
     def raise_if_any(self) -> None:
-        if not self.found:
+        if not self.count:
             return
-        shown = "; ".join(self.found[:MORE_PROBLEMS_SHOWN])
-        more = len(self.found) - MORE_PROBLEMS_SHOWN
-        raise InvalidDataset(f"{shown}" + (f" (and {more} more problem(s) in {self.name})" if more > 0 else ""))
+        more = self.count - len(self.shown)
+        raise InvalidDataset("; ".join(self.shown) + (f" (and {more} more problem(s) in {self.name})" if more else ""))
 
 
 def _example(item: Any, place: str, problems: _Problems) -> TrainingExample | None:
@@ -81,6 +92,11 @@ def _example(item: Any, place: str, problems: _Problems) -> TrainingExample | No
     if not item["target"].strip():
         problems.add(f"{place}: the target is empty")
         return None
+    for name in FIELDS:
+        problem = text_problem(item[name])
+        if problem:
+            problems.add(f"{place}: the {name} {problem}")
+            return None
     return TrainingExample(input=item["input"], target=item["target"])
 
 
@@ -114,15 +130,24 @@ def parse_jsonl(name: str, data: bytes) -> ExampleSet:
     problems = _Problems(name)
 
     def lines() -> Iterable[tuple[str, Any]]:
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
+        for number, line in enumerate(text.split("\n"), 1):
+            if not line.strip(JSON_WHITESPACE):
                 continue
             try:
-                yield f"{name} line {number}", json.loads(line)
-            except json.JSONDecodeError as error:
-                problems.add(f"{name} line {number}: not valid JSON ({error.msg} at column {error.colno})")
+                yield f"{name} line {number}", strict_json.loads(line)
+            except (ValueError, RecursionError) as error:
+                problems.add(f"{name} line {number}: not valid JSON ({json_problem(error)})")
 
     return _collect(name, lines(), problems)
+
+
+def json_problem(error: ValueError | RecursionError) -> str:
+    """What is wrong with a JSON text, for a client: where it broke, or why it was refused."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"{error.msg} at column {error.colno}"
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return str(error)  # NaN/Infinity, or an integer of more digits than Python converts
 
 
 def check_input_lengths(model: FrozenT5, split: ExampleSet, max_input_tokens: int) -> None:

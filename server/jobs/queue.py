@@ -19,7 +19,8 @@ STOP_WAIT_S = 60.0
 
 class JobQueue(Protocol):
     def submit(self, job_id: str, attempt: int) -> None:
-        """Queues delivery `attempt` of a stored job."""
+        """Queues a delivery for queued job `job_id` (attempt `attempt`): a worker that takes it runs the next
+        job in the fair order (`server.jobs.fairness`), which need not be this one."""
 
     def start(self) -> None: ...
 
@@ -28,10 +29,11 @@ class JobQueue(Protocol):
 
 
 class ThreadQueue:
-    """Runs jobs one at a time on a thread of the server process (no Redis).
+    """Runs jobs one at a time on a thread of the server process (no Redis), in the fair order.
 
-    On start it takes back what the previous process left: queued jobs are queued again, running ones
-    (the process died under them) resume from their checkpoint, or fail after `max_attempts` losses.
+    Each delivery wakes the thread for one job. On start it takes back what the previous process left:
+    queued jobs are queued again, running ones (the process died under them) resume from their checkpoint,
+    or fail after `max_attempts` losses.
     """
 
     def __init__(self, runner: JobRunner, max_attempts: int) -> None:
@@ -66,6 +68,6 @@ class ThreadQueue:
             if item is None:
                 break
             try:
-                self.runner.run(*item, stopping=self._stopping)
+                self.runner.run_next(stopping=self._stopping)
             except Exception:  # the store failed under the runner; the thread must keep serving jobs
-                log.exception("training job %s: delivery %d failed", *item)
+                log.exception("training delivery for job %s (attempt %d) failed", *item)

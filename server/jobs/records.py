@@ -9,6 +9,9 @@ Two internal fields make redelivery safe:
 
 Each transition is a pure function `JobRecord -> JobRecord` that raises `JobConflict` when it does not apply;
 a store runs it inside its atomic read-modify-write (`JobStore.update`).
+
+Every record is validated whenever it changes, and no stored number may be NaN or infinite (JSON has none:
+`json.dumps` would write them as `null`, which no longer validates), so what a store writes reads back equal.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import uuid
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from prompt_store.records import Utf8Text
 from server.jobs.errors import JobConflict
 from server.training import TrainingConfig
 
@@ -36,24 +40,38 @@ class JobState(str, Enum):
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
-class JobProgress(BaseModel):
+class Stored(BaseModel):
+    """A part of a job record: finite numbers only, and revalidated when built from another record's parts."""
+
+    model_config = ConfigDict(allow_inf_nan=False, revalidate_instances="always")
+
+
+class JobProgress(Stored):
     step: int = 0
     total_steps: int
     loss: float | None = None
-    eval: dict[str, float] | None = None
+    eval: dict[Utf8Text, float] | None = None
 
 
-class JobRecord(BaseModel):
-    job_id: str
-    tenant: str
-    task_id: str
+class HistoryEntry(Stored):
+    """An entry of the trainer's `history`, written at every evaluation step (and the last step)."""
+
+    step: int
+    loss: float = Field(description="mean train loss since the previous entry")
+    eval: dict[Utf8Text, float] | None = None
+
+
+class JobRecord(Stored):
+    job_id: Utf8Text
+    tenant: Utf8Text
+    task_id: Utf8Text
     state: JobState = JobState.QUEUED
     config: TrainingConfig
     activate: bool = True
     progress: JobProgress
-    history: list[dict[str, Any]] = Field(default_factory=list)
+    history: list[HistoryEntry] = Field(default_factory=list)
     prompt_version: int | None = None
-    error: str | None = None
+    error: Utf8Text | None = None
     created_at: float = Field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
@@ -61,7 +79,7 @@ class JobRecord(BaseModel):
     # Internal (not in the API view): redelivery bookkeeping, who runs it, the last checkpoint.
     attempt: int = 1
     lost: int = 0
-    worker: str | None = None
+    worker: Utf8Text | None = None
     checkpoint_step: int | None = None
     finishing: bool = False
 
@@ -70,7 +88,9 @@ class JobRecord(BaseModel):
         return self.state.terminal
 
     def changed(self, **fields: Any) -> JobRecord:
-        return self.model_copy(update={**fields, "updated_at": time.time()})
+        """A validated copy (`model_copy` would not validate: a NaN loss would reach the store unchecked)."""
+        current = {name: getattr(self, name) for name in type(self).model_fields}
+        return type(self).model_validate({**current, **fields, "updated_at": time.time()})
 
 
 def new_job_id() -> str:

@@ -19,12 +19,19 @@ past its TTL. Hence:
   redelivers on its own, and one delivery cannot run forever (a timeout fails the job with the reason);
 - a running job holds a lease key (TTL `training_lease_s`) that a thread of its worker renews every third
   of it, independent of training steps;
-- every worker runs a reaper at start and every `training_reaper_interval_s`: an unfinished job with no
-  lease, whose delivery is not waiting in the queue and whose record has not changed for
-  `training_lease_s`, is requeued under a new delivery token from its last checkpoint, or failed with
-  the reason after `training_max_attempts` losses (`server.jobs.recovery`).
+- every worker runs a reaper at start and every `training_reaper_interval_s`: a running job with no
+  lease whose record has not changed for `training_lease_s` is requeued under a new delivery token from
+  its last checkpoint, or failed with the reason after `training_max_attempts` losses
+  (`server.jobs.recovery`); queued jobs are requeued only when fewer deliveries wait than jobs are queued.
 The bound: a SIGKILLed worker's job is back in the queue within `training_lease_s +
 training_reaper_interval_s` while another worker lives, or as soon as one starts.
+
+Fairness across tenants: one RQ queue carries the deliveries, but a delivery only wakes a worker, which
+then takes the next queued job in the fair order (`server.jobs.fairness`, turns shared in Redis): the
+fair order is enforced when a worker picks, not by the order of the RQ queue. Every change that queues a
+job (submit, release, reaper) enqueues one delivery, and a worker claims at most one job per delivery,
+so there are always at least as many deliveries waiting as jobs queued (the reaper tops them up if an
+enqueue was lost); a delivery that finds nothing to claim is a no-op.
 """
 
 from __future__ import annotations
@@ -149,14 +156,19 @@ class Reaper:
     def sweep(self) -> list[JobRecord]:
         """One pass; returns the jobs it requeued or failed."""
         waiting = self.queue.waiting()
+        active = self.store.active()
+        # Any waiting delivery runs the next queued job, so queued jobs lack deliveries only in number.
+        missing = sum(record.state == JobState.QUEUED for record in active) - len(waiting)
         taken = []
-        for record in self.store.active():
+        for record in active:
             if time.time() - record.updated_at < self.lease_s:
                 continue
             if self.store.lease_holder(record.job_id) is not None:
                 continue
-            if delivery_id(record.job_id, record.attempt) in waiting:
-                continue
+            if record.state == JobState.QUEUED:
+                if missing <= 0 or delivery_id(record.job_id, record.attempt) in waiting:
+                    continue
+                missing -= 1
             reason = LOST_WORKER if record.state == JobState.RUNNING else LOST_DELIVERY
             updated = requeue_abandoned(self.store, record, self.max_attempts, reason, self.queue.submit, self.metrics)
             if updated is not None:
@@ -207,8 +219,9 @@ class TrainingWorker(SimpleWorker):
 
 
 def run_training_job(job_id: str, attempt: int) -> str | None:
-    """The RQ job function: runs one delivery in the `TrainingWorker` that dequeued it."""
+    """The RQ job function: a delivery queued for `job_id`; the `TrainingWorker` that dequeued it runs the
+    next job in the fair order (often this one; see the module docstring)."""
     if _active.runner is None or _active.stopping is None:
         raise RuntimeError("training jobs run in `softserve worker` processes")
-    state = _active.runner.run(job_id, attempt, _active.stopping)
+    state = _active.runner.run_next(_active.stopping)
     return state.value if state is not None else None

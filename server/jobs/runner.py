@@ -1,13 +1,14 @@
 """`JobRunner`: runs one delivery of a training job, the same way under the in-process thread and RQ.
 
-1. Claim the job (`queued` → `running`, only if the delivery token still matches).
+1. Claim the next job in the fair order (`server.jobs.fairness`): `queued` → `running`, only if its delivery
+   token is still the one read (another worker may have claimed it meanwhile: then the next one).
 2. Train with `PromptTrainer`, resuming from the stored checkpoint if there is one. Progress is written
    at most every `PROGRESS_WRITE_S` (and at every evaluation); a checkpoint every `checkpoint_every` steps
    is stored together with the record. The stop signal is polled every `POLL_S`: a cancel (or a newer
-   delivery) stops the run; a worker shutdown checkpoints at the current step and puts the job back in
-   the queue.
+   delivery) stops the run; a worker shutdown, or a time slice used up while another tenant's job waits,
+   checkpoints at the current step and puts the job back in the queue, to resume there later.
 3. On success, mark the job `finishing` (no cancel after this point), publish the prompt as a new version
-   of the task, and record the version.
+   of the task, and record the version. A run whose loss diverges fails with that reason.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 
 from prompt_store import SoftPrompt, TaskMetadata, TaskRecord
 from server.jobs.errors import JobConflict, JobNotFound
+from server.jobs.fairness import fair_order, others_waiting
 from server.jobs.records import (
     JobProgress,
     JobRecord,
@@ -36,7 +38,7 @@ from server.jobs.records import (
 from server.jobs.store import JobStore
 from server.metrics import TrainingMetrics
 from server.model import FrozenT5
-from server.training import PromptTrainer, TrainingCancelled, TrainingCheckpoint, TrainingResult
+from server.training import PromptTrainer, TrainingCancelled, TrainingCheckpoint, TrainingDiverged, TrainingResult
 from server.training.recipe import MAX_RANK_LABELS
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,10 @@ log = logging.getLogger(__name__)
 POLL_S = 0.25
 PROGRESS_WRITE_S = 0.5
 MAX_ERROR_CHARS = 500
+# Once past its time slice, how often a job looks for another tenant's queued job (it reads every active record).
+WAITING_POLL_S = 1.0
+SHUTDOWN = "its worker is stopping"
+YIELDED = "it yields its time slice to another tenant's queued job"
 
 
 class Publisher(Protocol):
@@ -81,6 +87,7 @@ class JobRunner:
         checkpoint_every: int,
         requeue: Requeue,
         lease: Lease = no_lease,
+        time_slice_s: float = 0.0,
     ) -> None:
         self.model = model
         self.store = store
@@ -90,29 +97,47 @@ class JobRunner:
         self.checkpoint_every = checkpoint_every
         self.requeue = requeue
         self.lease = lease
+        self.time_slice_s = time_slice_s
 
-    def run(self, job_id: str, attempt: int, stopping: threading.Event) -> JobState | None:
-        """Runs delivery `attempt` of the job; returns the state it left the job in (None: not ours)."""
+    def run_next(self, stopping: threading.Event) -> JobState | None:
+        """Claims the next queued job in the fair order and runs it; returns the state it left the job in
+        (None: nothing claimable was queued, or the job stopped being ours)."""
+        for candidate in fair_order(self.store.active(), self.store.tenant_turns()):
+            record = self._claim(candidate)
+            if record is not None:
+                self.store.take_turn(record.tenant)
+                return self._run(record, stopping)
+        return None
+
+    def _claim(self, candidate: JobRecord) -> JobRecord | None:
         try:
-            record = self.store.update(job_id, lambda r: claim(r, attempt, self.worker_name))
-        except (JobNotFound, JobConflict) as error:
-            log.info("skipping delivery %d of job %s: %s", attempt, job_id, error)
+            return self.store.update(candidate.job_id, lambda r: claim(r, candidate.attempt, self.worker_name))
+        except (JobNotFound, JobConflict) as error:  # claimed by another worker, or cancelled, meanwhile
+            log.info("job %s: not claimed: %s", candidate.job_id, error)
             return None
+
+    def _run(self, record: JobRecord, stopping: threading.Event) -> JobState | None:
+        job_id, attempt = record.job_id, record.attempt
         self.metrics.jobs.labels(state="running").inc()
         log.info("job %s (%s/%s): attempt %d on %s", job_id, record.tenant, record.task_id, attempt, self.worker_name)
         with self.lease(job_id, f"{self.worker_name}/{attempt}"):
             try:
                 return TrainingRun(self, record, stopping).run()
-            except JobConflict as error:  # cancelled, or redelivered elsewhere, while we were busy
+            except (JobConflict, JobNotFound) as error:  # cancelled, redelivered elsewhere or quarantined meanwhile
                 log.info("job %s: stopped: %s", job_id, error)
                 return None
+            except TrainingDiverged as error:
+                log.warning("job %s: %s", job_id, error)
+                return self.fail(record, str(error))
             except Exception as error:
                 log.exception("job %s failed", job_id)
                 return self.fail(record, f"training failed: {type(error).__name__}: {error}")
 
     def fail(self, record: JobRecord, message: str) -> JobState | None:
+        # An exception's text may quote anything, even a lone surrogate: store it as valid, bounded text.
+        error = message[:MAX_ERROR_CHARS].encode("utf-8", "backslashreplace").decode()
         try:
-            self.store.update(record.job_id, lambda r: failed(r, record.attempt, message[:MAX_ERROR_CHARS]))
+            self.store.update(record.job_id, lambda r: failed(r, record.attempt, error))
         except JobConflict:
             return None
         self.metrics.jobs.labels(state="failed").inc()
@@ -128,10 +153,10 @@ class TrainingRun:
         self.record = record
         self.job_id, self.attempt = record.job_id, record.attempt
         self.stopping = stopping
-        self.shutdown = False
+        self.release_reason: str | None = None
         self.progress = record.progress
         self.trainer: PromptTrainer | None = None
-        self._polled = time.monotonic()
+        self._started = self._polled = self._looked_for_others = time.monotonic()
         self._written = time.perf_counter()
         self._step_started = time.perf_counter()
 
@@ -151,7 +176,7 @@ class TrainingRun:
                 resume_from=resume,
             )
         except TrainingCancelled:
-            return self._release() if self.shutdown else None
+            return self._release(self.release_reason) if self.release_reason else None
         return self._finish(result)
 
     def _checkpoint(self) -> TrainingCheckpoint | None:
@@ -168,14 +193,27 @@ class TrainingRun:
 
     def should_stop(self) -> bool:
         if self.stopping.is_set():
-            self.shutdown = True
+            self.release_reason = SHUTDOWN
             return True
         now = time.monotonic()
         if now - self._polled < POLL_S:
             return False
         self._polled = now
         record = self.store.get(self.job_id)
-        return record.state != JobState.RUNNING or record.attempt != self.attempt
+        if record.state != JobState.RUNNING or record.attempt != self.attempt:
+            return True
+        if self._slice_used_up(now):
+            self.release_reason = YIELDED
+            return True
+        return False
+
+    def _slice_used_up(self, now: float) -> bool:
+        """Past its time slice with another tenant's job waiting: the job yields its worker (fair share)."""
+        slice_s = self.runner.time_slice_s
+        if not slice_s or now - self._started < slice_s or now - self._looked_for_others < WAITING_POLL_S:
+            return False
+        self._looked_for_others = now
+        return others_waiting(self.store.active(), self.record.tenant)
 
     def on_progress(self, step: int, loss: float, metrics: dict[str, float] | None) -> None:
         now = time.perf_counter()
@@ -205,7 +243,7 @@ class TrainingRun:
 
     # Endings
 
-    def _release(self) -> JobState:
+    def _release(self, reason: str) -> JobState:
         assert self.trainer is not None
         checkpoint = self.trainer.checkpoint()
         record = self.store.update(
@@ -217,7 +255,7 @@ class TrainingRun:
         )
         self.runner.requeue(self.job_id, record.attempt)
         self.runner.metrics.jobs.labels(state="queued").inc()
-        log.info("job %s: released at step %d for another worker", self.job_id, checkpoint.step)
+        log.info("job %s: back in the queue at step %d: %s", self.job_id, checkpoint.step, reason)
         return JobState.QUEUED
 
     def _finish(self, result: TrainingResult) -> JobState | None:

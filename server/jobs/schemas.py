@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict, Field
 
 from prompt_store import TASK_ID_PATTERN
-from server.jobs.records import JobProgress, JobRecord, JobState
+from server.jobs.records import HistoryEntry, JobProgress, JobRecord, JobState
 from server.schemas import iso
 from server.training import TrainingConfig
 
@@ -44,7 +42,7 @@ class JobView(BaseModel):
     task_id: str
     state: JobState
     progress: JobProgress
-    history: list[dict[str, Any]]
+    history: list[HistoryEntry]
     prompt_version: int | None
     error: str | None
     created_at: str

@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 import redis
 
@@ -32,6 +34,12 @@ from server.model import FrozenT5
 from server.registry import PromptRegistry
 from server.settings import Settings
 from server.training import PromptTrainer, TrainingConfig
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# Submissions parsed and checked at once (each takes a core for up to seconds); the rest wait their turn.
+SUBMISSION_WORK_CONCURRENCY = 2
 
 
 @dataclass
@@ -54,6 +62,13 @@ class TrainingService:
         self.store = store
         self.queue = queue
         self.metrics = metrics
+        self._submission_work = asyncio.Semaphore(SUBMISSION_WORK_CONCURRENCY)
+
+    async def off_loop(self, work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Runs a submission's CPU-heavy work (parsing, tokenizing) in a worker thread, a few at a time:
+        a large upload must neither stall the event loop nor take every core from the model."""
+        async with self._submission_work:
+            return await asyncio.to_thread(work, *args, **kwargs)
 
     async def start(self) -> None:
         await asyncio.to_thread(self.queue.start)
@@ -66,8 +81,8 @@ class TrainingService:
     async def submit(self, tenant: str, submission: Submission) -> JobRecord:
         """Checks everything a worker would trip on, then stores and queues the job (or nothing at all)."""
         options = submission.options
-        self._check_limits(options.config)
-        await asyncio.to_thread(self._check, submission)
+        self.check_limits(options.config)
+        await self.off_loop(self._check, submission)
         record = new_record(tenant, options.task_id, options.config, options.activate)
         await asyncio.to_thread(self.store.create, record, submission.dataset, self.settings.training_max_active_jobs)
         self.metrics.jobs.labels(state="queued").inc()
@@ -76,10 +91,12 @@ class TrainingService:
             self.queue.submit(record.job_id, record.attempt)
         return record
 
-    def _check_limits(self, config: TrainingConfig) -> None:
-        """A job may not ask for more than this server serves: longer prompts, bigger batches, longer targets."""
+    def check_limits(self, config: TrainingConfig) -> None:
+        """A job may not ask for more than this server serves (longer prompts, bigger batches, longer targets)
+        or runs (more steps). Cheap: the API also calls it before parsing a submission's data sets."""
         s = self.settings
         limits = (
+            ("steps", config.steps, "training_max_steps", s.training_max_steps),
             ("prompt_length", config.prompt_length, "max_prompt_length", s.max_prompt_length),
             ("batch_size", config.batch_size, "max_batch_size", s.max_batch_size),
             ("max_target_tokens", config.max_target_tokens, "max_new_tokens", s.max_new_tokens),
@@ -145,6 +162,7 @@ def build_training(
         worker_name=f"{socket.gethostname()}-{os.getpid()}-in-process",
         checkpoint_every=settings.training_checkpoint_every,
         requeue=lambda job_id, attempt: None,
+        time_slice_s=settings.training_time_slice_s,
     )
     queue = ThreadQueue(runner, settings.training_max_attempts)
     runner.requeue = queue.submit

@@ -56,6 +56,7 @@ def run_worker(settings: Settings) -> None:
         checkpoint_every=settings.training_checkpoint_every,
         requeue=queue.submit,
         lease=RedisLease(jobs, settings.training_lease_s),
+        time_slice_s=settings.training_time_slice_s,
     )
     reaper = Reaper(jobs, queue, settings, metrics)
     try:

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from prompt_store.records import Utf8Text
+
 InitMethod = Literal["class_labels", "vocab", "random", "text"]
 EvalMetric = Literal["auto", "exact_match", "rank_accuracy"]
 
@@ -29,26 +31,52 @@ VOCAB_INIT_TOP_IDS = 5000
 RANDOM_INIT_RANGE = 0.5
 # Rank classification is used for `eval_metric="auto"` when the train targets form a label set this small.
 MAX_RANK_LABELS = 32
+# Ceilings of the config's counts and token limits: whatever validates is a run that can start. The server
+# caps steps, prompt length, batch size and target length lower (settings); these bound the library use.
+MAX_COUNT = 1_000_000_000
+MAX_TOKENS = 1_000_000
+MAX_LEARNING_RATE = 10.0
+MAX_WEIGHT_DECAY = 1.0
 
 
 class TrainingConfig(BaseModel):
     """A training job's `config` (api.md, "Training"); unknown fields are refused so typos do not pass silently."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Stored in job records, so every number must survive a JSON round trip: no NaN or infinity.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    prompt_length: int = Field(100, ge=1, description="prompt rows P")
+    prompt_length: int = Field(100, ge=1, le=MAX_TOKENS, description="prompt rows P")
     init: InitMethod = Field("class_labels", description="class_labels | vocab | random | text")
-    init_text: str | None = Field(None, description="text whose token embeddings seed the prompt (init=text)")
-    learning_rate: float = Field(0.3, gt=0, description="constant Adafactor learning rate")
-    steps: int = Field(2000, ge=1, description="optimizer steps")
-    batch_size: int = Field(32, ge=1, description="examples per step")
-    eval_every: int = Field(200, ge=1, description="steps between evaluations (and at the last step)")
-    max_input_tokens: int = Field(512, ge=1, description="inputs are truncated to this many tokens, </s> kept")
-    max_target_tokens: int = Field(16, ge=1, description="targets are truncated to this many tokens, </s> kept")
-    seed: int = Field(0, ge=0, description="seeds the init and the batch order")
-    weight_decay: float = Field(1e-5, ge=0, description="Adafactor weight decay")
+    init_text: Utf8Text | None = Field(None, description="text whose token embeddings seed the prompt (init=text)")
+    learning_rate: float = Field(
+        0.3,
+        gt=0,
+        le=MAX_LEARNING_RATE,
+        description="constant Adafactor learning rate (at most 10: Adafactor clips each update to an RMS of "
+        "1, so a step moves the prompt by about the learning rate; far above the paper's 0.3 it only diverges)",
+    )
+    steps: int = Field(2000, ge=1, le=MAX_COUNT, description="optimizer steps")
+    batch_size: int = Field(32, ge=1, le=MAX_COUNT, description="examples per step")
+    eval_every: int = Field(200, ge=1, le=MAX_COUNT, description="steps between evaluations (and at the last step)")
+    max_input_tokens: int = Field(
+        512, ge=1, le=MAX_TOKENS, description="inputs are truncated to this many tokens, </s> kept"
+    )
+    max_target_tokens: int = Field(
+        16, ge=1, le=MAX_TOKENS, description="targets are truncated to this many tokens, </s> kept"
+    )
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="seeds the init and the batch order")
+    weight_decay: float = Field(
+        1e-5,
+        ge=0,
+        le=MAX_WEIGHT_DECAY,
+        description="Adafactor weight decay: each step shrinks the prompt by a share of learning_rate x this, "
+        "so that product is at most 1 (beyond, the prompt flips sign and grows every step)",
+    )
     patience: int | None = Field(
-        None, ge=1, description="stop after this many evaluations without improvement (None: run all steps)"
+        None,
+        ge=1,
+        le=MAX_COUNT,
+        description="stop after this many evaluations without improvement (None: run all steps)",
     )
     eval_metric: EvalMetric = Field(
         "auto",
@@ -60,6 +88,14 @@ class TrainingConfig(BaseModel):
     def _init_text_given(self) -> TrainingConfig:
         if self.init == "text" and not (self.init_text and self.init_text.strip()):
             raise ValueError("init='text' needs a non-empty init_text")
+        return self
+
+    @model_validator(mode="after")
+    def _decay_shrinks(self) -> TrainingConfig:
+        if self.learning_rate * self.weight_decay > 1:
+            raise ValueError(
+                "learning_rate x weight_decay must be at most 1 (the share of the prompt decayed per step)"
+            )
         return self
 
     def adafactor_kwargs(self) -> dict[str, Any]:

@@ -64,6 +64,19 @@ def as_examples(items: Iterable[ExampleLike] | None) -> list[TrainingExample]:
     return examples
 
 
+class TrainingDiverged(ValueError):
+    """The loss, the prompt or an eval value stopped being finite: nothing after this step can be trusted,
+    and NaN/infinity cannot be stored in a job record (JSON has no such numbers)."""
+
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(f"the {what} became non-finite at step {step}; lower learning_rate")
+        self.step = step
+
+
+def _all_finite(values: Iterable[float]) -> bool:
+    return all(math.isfinite(value) for value in values)
+
+
 class TrainingCancelled(Exception):
     """Raised by `PromptTrainer.train` when its stop signal is set; `step` is the last completed step."""
 
@@ -383,13 +396,19 @@ class PromptTrainer:
         return F.cross_entropy(logits.float(), batch.target_ids, reduction=reduction)
 
     def train_step(self, batch: Batch) -> float:
-        """One optimizer step on `batch`; returns its loss."""
+        """One optimizer step on `batch`; returns its loss. Raises `TrainingDiverged` (with the number this
+        step will have) when the loss or the updated prompt is not finite."""
         self.optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():
             loss = self.loss(batch)
             loss.backward()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingDiverged(self.step + 1, "loss")
         self.optimizer.step()
-        return float(loss.detach())
+        if not bool(torch.isfinite(self.prompt).all()):
+            raise TrainingDiverged(self.step + 1, "prompt")
+        return value
 
     # ----------------------------------------------------------------------------------------- eval
 
@@ -500,7 +519,7 @@ class PromptTrainer:
 
         `on_progress(step, loss, eval)` runs after every step (`eval` is None except at evaluation steps).
         `should_stop` (an Event or a callable) is checked before every step; when set, `TrainingCancelled`
-        is raised. `on_checkpoint` receives a `TrainingCheckpoint` every `checkpoint_every` steps; passing
+        is raised. A non-finite loss, prompt or eval value raises `TrainingDiverged`. `on_checkpoint` receives a `TrainingCheckpoint` every `checkpoint_every` steps; passing
         one back as `resume_from` (to a trainer built on the same data and config) continues the same run.
         """
         cfg = self.config
@@ -516,6 +535,8 @@ class PromptTrainer:
             metrics = None
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 metrics = self.evaluate() or None
+                if metrics is not None and not _all_finite(metrics.values()):
+                    raise TrainingDiverged(self.step, "eval loss")
                 stopped_early = self._record(metrics)
             if on_progress is not None:
                 on_progress(self.step, loss, metrics)

@@ -1,0 +1,159 @@
+"""`PromptService`: what an upload does besides HTTP.
+
+Everything a task will need to be served is checked at upload, cheapest first, so that a task that is
+accepted can be used: the metadata (strict JSON and types, then the server's limits on templates,
+default parameters and label sizes), the tenant's quota, then, in a worker thread, the token counts
+of the template and labels, the prompt file itself, and whether the task's smallest request fits in
+one model call. Files are read with `ReadLimits` (headers and archive directories checked before
+anything is allocated or unpacked) by at most `UPLOAD_READERS` threads at once, so a burst of
+hostile files cannot take every core. A refused upload changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, BinaryIO
+
+from pydantic import ValidationError
+
+from prompt_store import SoftPrompt, TaskMetadata, TaskNotFound, TaskRecord, load_prompt_bytes, validate_prompt
+from prompt_store.formats import ReadLimits
+from prompt_store.records import INPUT_PLACEHOLDER
+from server import strict_json
+from server.errors import InvalidInput, RateLimited
+from server.inference import CHARS_PER_TOKEN
+from server.model import Decoding, FrozenT5, Row
+from server.registry import PromptRegistry
+from server.runner import ClassifyWork, GenerateWork
+from server.schemas import GenerateParameters, UploadMetadata
+from server.settings import Settings
+
+UPLOAD_READERS = 2
+INVALID = "metadata is invalid: "
+
+
+class PromptService:
+    def __init__(
+        self, model: FrozenT5, registry: PromptRegistry, settings: Settings, readers: int = UPLOAD_READERS
+    ) -> None:
+        self.model = model
+        self.registry = registry
+        self.settings = settings
+        self.read_limits = ReadLimits(max_rows=settings.max_prompt_length, d_model=model.d_model)
+        self.max_label_chars = settings.max_input_chars or CHARS_PER_TOKEN * settings.max_input_tokens
+        self._readers = asyncio.Semaphore(readers)
+
+    def parse_metadata(self, raw: str | None) -> UploadMetadata:
+        """The `metadata` form field: strict JSON (no `NaN`), strict types, within this server's limits."""
+        if raw is None or not raw.strip():
+            return UploadMetadata()
+        try:
+            data = strict_json.loads(raw)
+        except (ValueError, RecursionError) as error:
+            raise InvalidInput(f"metadata is not valid JSON: {error}") from None
+        try:
+            metadata = UploadMetadata.model_validate(data)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(x) for x in first.get("loc", ())) or "metadata"
+            raise InvalidInput(f"{INVALID}{where}: {first.get('msg')}") from None
+        self._check_sizes(metadata)
+        return metadata
+
+    async def upload(self, tenant: str, task_id: str, file: BinaryIO, metadata: UploadMetadata) -> TaskRecord:
+        """Registers the file's prompt as a new version of the task; returns the task's record."""
+        await self.check_quota(tenant, task_id)
+        new_metadata = metadata.task_metadata()
+        served_with = (await self._current_metadata(tenant, task_id)).merged(new_metadata)
+        async with self._readers:
+            prompt = await asyncio.to_thread(self._read_prompt, file, served_with)
+        return await self.registry.add_version(
+            tenant, task_id, prompt, new_metadata, metadata.activate, self.model.model_id
+        )
+
+    async def check_quota(self, tenant: str, task_id: str) -> None:
+        limit = self.settings.max_tasks_per_tenant
+        if not limit:
+            return
+        existing = {record.task_id for record in await self.registry.list_tasks(tenant)}
+        if task_id not in existing and len(existing) >= limit:
+            raise RateLimited(f"this tenant's quota of {limit} tasks is used; delete a task first", retry_after_s=60)
+
+    async def _current_metadata(self, tenant: str, task_id: str) -> TaskMetadata:
+        try:
+            return (await self.registry.task(tenant, task_id)).metadata
+        except TaskNotFound:
+            return TaskMetadata()
+
+    def _check_sizes(self, metadata: UploadMetadata) -> None:
+        """The server's limits that need no tokenizing: template and label lengths, default parameters."""
+        template = metadata.input_template
+        if template is not None and len(template) > self.settings.max_template_chars:
+            raise InvalidInput(
+                f"{INVALID}input_template has {len(template)} characters; "
+                f"the limit is {self.settings.max_template_chars}"
+            )
+        for i, label in enumerate(metadata.labels or []):
+            if len(label) > self.max_label_chars:
+                raise InvalidInput(
+                    f"{INVALID}labels.{i} has {len(label)} characters; the limit is {self.max_label_chars}"
+                )
+        if metadata.parameters is not None:
+            self._check_default_parameters(metadata.parameters)
+
+    def _check_default_parameters(self, parameters: GenerateParameters) -> None:
+        settings = self.settings
+        if parameters.max_new_tokens > settings.max_new_tokens:
+            raise InvalidInput(
+                f"{INVALID}parameters.max_new_tokens is {parameters.max_new_tokens}; "
+                f"this server's limit is {settings.max_new_tokens}"
+            )
+        beam_tokens = parameters.num_beams * parameters.max_new_tokens
+        if beam_tokens > settings.max_beam_tokens:
+            raise InvalidInput(
+                f"{INVALID}parameters.num_beams x max_new_tokens is {beam_tokens}; "
+                f"this server's limit is {settings.max_beam_tokens}"
+            )
+
+    def _read_prompt(self, file: BinaryIO, served_with: TaskMetadata) -> SoftPrompt:
+        """Runs in a worker thread: tokenizing and reading the file are the costly steps (texts first)."""
+        smallest_input, label_ids = self._tokenize_texts(served_with)
+        data = file.read(self.read_limits.max_bytes + 1)  # one byte more tells a file over the cap
+        tensor = load_prompt_bytes(data, self.read_limits)
+        prompt = validate_prompt(tensor, self.model.d_model, self.settings.max_prompt_length)
+        self._check_smallest_request(Row(prompt.embeddings, smallest_input), label_ids, served_with)
+        return prompt
+
+    def _tokenize_texts(self, metadata: TaskMetadata) -> tuple[list[int], list[list[int]]]:
+        """Token ids of the task's smallest input (its template around an empty input) and of its labels."""
+        template = metadata.input_template or INPUT_PLACEHOLDER
+        smallest, *label_ids = self.model.tokenize([template.replace(INPUT_PLACEHOLDER, ""), *(metadata.labels or [])])
+        limit = self.settings.max_input_tokens
+        if len(smallest) > limit:
+            raise InvalidInput(f"{INVALID}input_template alone has {len(smallest)} tokens; the limit is {limit}")
+        for i, ids in enumerate(label_ids):
+            if len(ids) > limit:
+                raise InvalidInput(f"{INVALID}labels.{i} has {len(ids)} tokens; the limit is {limit}")
+        return smallest, label_ids
+
+    def _check_smallest_request(self, row: Row, label_ids: list[list[int]], metadata: TaskMetadata) -> None:
+        """The task's cheapest request must fit in one model call, costed as serving costs it."""
+        limit = self.settings.max_batch_tokens
+        decoding = Decoding(num_beams=_default_beams(metadata.parameters))
+        generate = GenerateWork(row, ("", ""), decoding, max_new_tokens=1)
+        if generate.cost > limit:
+            raise InvalidInput(
+                f"{INVALID}with num_beams {decoding.num_beams}, even an empty input costs {generate.cost} tokens "
+                f"of one model call; the limit is {limit}"
+            )
+        if label_ids and (cost := ClassifyWork(row, ("", ""), label_ids).cost) > limit:
+            raise InvalidInput(
+                f"{INVALID}with these labels, even an empty input costs {cost} tokens of one model call "
+                f"(prompt + input + labels x the longest label); the limit is {limit}"
+            )
+
+
+def _default_beams(parameters: dict[str, Any] | None) -> int:
+    """The task's default `num_beams` (stored defaults were checked at their upload; 1 if absent)."""
+    beams = (parameters or {}).get("num_beams", 1)
+    return beams if type(beams) is int and beams > 0 else 1
