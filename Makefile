@@ -8,10 +8,18 @@ BIN := $(VENV)/bin
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch first, pinned to the CPU wheel: a bare `torch` requirement would pull a multi-GB CUDA build.
+# torch is installed first, at a pinned version, so that `pip install -e .` finds it and leaves it alone.
+# Which build pip picks is up to where it looks: from PyPI on Linux that is the multi-GB CUDA build. To get the
+# CPU-only build, name the index that holds it:
+#     make run TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# (any index works: a CUDA one, a mirror). Left empty, pip's own configuration decides: this project's machines
+# point it at a local wheel folder that holds the CPU build (`pip config list` shows where yours looks).
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX_URL ?=
+
 install: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(BIN)/pip install -q -e .
 
 install-test: install

@@ -7,35 +7,59 @@ hit both, and each side is summarised by its median.
 Model calls are timed on one dedicated thread, as the server runs its model (the batcher's worker
 thread): on CPU the same `generate` ran about 19% faster on a worker thread than on the main thread
 (12 paired rounds, 2 pinned cores), so a main-thread baseline would flatter the server.
+
+torch's OpenMP reads `OMP_WAIT_POLICY` once, as torch loads, and `import server` sets the server's
+policy (PASSIVE) as a default. A bench imports this module before torch (`import common` sorts first),
+so its in-process servers and model calls run as `softserve serve` runs them; `server_vs_raw` loads torch
+first on purpose, for its raw side. Every result records the policy its process ran under.
+
+Every result is printed as one JSON line, last, and written to `bench/results/NAME.json`
+(`NAME-cuda.json` on a GPU), so a figure in the README can be traced to the run that printed it. A
+`--quick` run writes nowhere unless `--results-dir` is given: smoke numbers must not replace real ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import random
 import statistics
 import string
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import server  # noqa: F401  (first: it sets the OpenMP wait policy the server runs with, before torch loads)
+_POLICY_BEFORE_SERVER = os.environ.get("OMP_WAIT_POLICY")
+TORCH_LOADED_BEFORE_SERVER = "torch" in sys.modules
+
+import server  # noqa: E402, F401  (sets the OpenMP wait policy the server runs with, for a torch not yet loaded)
 
 # isort: split
-import torch
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+OMP_WAIT_POLICY = (
+    _POLICY_BEFORE_SERVER if TORCH_LOADED_BEFORE_SERVER else os.environ.get("OMP_WAIT_POLICY")
+) or "unset (libgomp's default: spin a while, then sleep)"
+"""The wait policy torch's OpenMP threads in this process run under."""
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # `python bench/x.py` puts only bench/ on the path
 
-from server.model import Decoding, FrozenT5, Row, resolve_device, resolve_dtype  # noqa: E402
-from server.tiny import build_tiny_t5  # noqa: E402
-from tests.checkpoints import t5_small_config  # noqa: E402
+from prompt_store import PromptFormat, dump_prompt  # noqa: E402
+from server.serving.model import Decoding, FrozenT5, Row, resolve_device, resolve_dtype  # noqa: E402
+from server.serving.tiny import build_tiny_t5  # noqa: E402
+from tests.checkpoints import save_checkpoint, t5_small_config  # noqa: E402
+from tests.serving import server_process  # noqa: E402
 
 MODEL_ID = "t5-small-shapes"
 PROMPT_LENGTH = 20
@@ -59,7 +83,38 @@ def parser(description: str, repeats: int) -> argparse.ArgumentParser:
     )
     args.add_argument("--seed", type=int, default=0)
     args.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="where the JSON result goes (default: bench/results; a --quick run: nowhere)",
+    )
     return args
+
+
+def results_file(options: argparse.Namespace, bench: str, *variant: str) -> Path | None:
+    """`NAME.json` for CPU and the default dtype; otherwise the device and dtype are in the name, as is any
+    `variant` (`NAME-cuda.json`, `NAME-bfloat16.json`, `NAME-tiny.json`). Under `--results-dir`, which a
+    quick run needs to write anything."""
+    directory = options.results_dir or (None if options.quick else RESULTS_DIR)
+    if directory is None:
+        return None
+    device = resolve_device(options.device).type
+    parts = [bench, *([device] if device != "cpu" else []), *([options.dtype] if options.dtype != "auto" else [])]
+    return directory / ("-".join([*parts, *variant]) + ".json")
+
+
+def publish(result: dict[str, object], destination: Path | None) -> None:
+    """Prints `result` as the run's last line, one JSON object, and writes that line to `destination`,
+    with how the run was started, so that a figure can be traced to the run that printed it."""
+    script = Path(sys.argv[0]).resolve()
+    script_name = script.relative_to(REPO_ROOT).as_posix() if script.is_relative_to(REPO_ROOT) else sys.argv[0]
+    command = " ".join(["python", script_name, *sys.argv[1:]])
+    line = json.dumps(result | {"command": command, "cpus": os.cpu_count(), "machine": platform.machine()})
+    print(line, flush=True)
+    if destination is not None:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.write_text(line + "\n")
 
 
 def build_model(device: str = "cpu", threads: int | None = None, dtype: str = "auto") -> FrozenT5:
@@ -75,6 +130,25 @@ def random_prompts(count: int, d_model: int, seed: int, length: int = PROMPT_LEN
     """`count` distinct fp32 soft prompts `[length, d_model]` (as stored; not yet on the device)."""
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(length, d_model, generator=generator) * 3.0 for _ in range(count)]
+
+
+@contextmanager
+def checkpoint_server(workdir: Path, options: argparse.Namespace, *flags: str) -> Iterator[tuple[Path, int, str]]:
+    """Saves a random model with t5-small's shapes as a checkpoint under `workdir` and serves it with a real
+    `softserve serve` process (its own OpenMP policy and threads, as deployed), `max_batch_size` 32.
+    Yields the checkpoint, the server's process id and its URL."""
+    checkpoint = save_checkpoint(t5_small_config(), workdir / "model")
+    flags = ("--model", str(checkpoint), "--device", options.device, "--dtype", options.dtype, *flags)
+    with server_process(workdir / "data", "--max-batch-size", str(BATCH_SIZE), *flags, timeout_s=300) as (process, url):
+        yield checkpoint, process.pid, url
+
+
+def upload_prompts(base_url: str, task_ids: Sequence[str], prompts: Sequence[torch.Tensor]) -> None:
+    """`PUT /v1/prompts/{task_id}` of each prompt, as safetensors."""
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        for task_id, prompt in zip(task_ids, prompts, strict=True):
+            data = dump_prompt(prompt, PromptFormat.SAFETENSORS)
+            http.put(f"/v1/prompts/{task_id}", files={"file": ("prompt.safetensors", data)}).raise_for_status()
 
 
 def input_texts(model: FrozenT5, count: int, seed: int, tokens: int = INPUT_TOKENS) -> list[str]:
@@ -184,6 +258,12 @@ def compare(a: tuple[str, Callable[[], float]], b: tuple[str, Callable[[], float
     return Comparison(a[0], b[0], interleaved(dict([a, b]), repeats))
 
 
+def percentile(values: Sequence[float], q: int) -> float:
+    """The q-th percentile, inclusive method: it never lies beyond the largest sample (p99 of 50 samples lies
+    between the two largest), where the default (exclusive) method extrapolates past it for fewer than 99."""
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
 def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
@@ -196,13 +276,20 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
-def report(bench: str, tables: Sequence[str], comparison: Comparison, target: float, **extra: object) -> None:
-    """Prints the markdown tables, then exactly one JSON line (the machine-readable result)."""
+def report(
+    bench: str,
+    tables: Sequence[str],
+    comparison: Comparison,
+    target: float,
+    destination: Path | None,
+    **extra: object,
+) -> None:
+    """Prints the markdown tables, then publishes exactly one JSON line (the machine-readable result)."""
     for table in tables:
         print(table, end="\n\n")
     ratio = comparison.ratio
     result = {"bench": bench, "ratio": round(ratio, 4), "target": target, "meets_target": ratio >= target}
-    print(json.dumps(result | comparison.summary() | extra), flush=True)
+    publish(result | comparison.summary() | extra, destination)
 
 
 def environment(model: FrozenT5, quick: bool) -> dict[str, object]:
@@ -211,5 +298,6 @@ def environment(model: FrozenT5, quick: bool) -> dict[str, object]:
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": OMP_WAIT_POLICY,
         "quick": quick,
     }

@@ -19,11 +19,11 @@ import safetensors.torch
 import torch
 from common import build_model  # puts the repository root on sys.path
 
-from server.model import Decoding, FrozenT5, Row
+from server.serving.model import Decoding, FrozenT5, Row
 from server.settings import Settings
 from tests.conftest import random_prompt
 from tests.serving import running_server
-from tests.test_mixed_batch import INPUTS, PROMPT_LENGTHS, mixed_rows
+from tests.test_mixed_batch import INPUTS, PROMPT_LENGTHS, Alone, mixed_rows
 
 failures: list[str] = []
 
@@ -35,18 +35,20 @@ def report(check: str, ok: bool, **fields: object) -> None:
 
 
 def row_diffs(model: FrozenT5) -> dict[str, float]:
+    """Each row of a mixed batch against the row alone through `transformers` directly (`Alone`, the
+    reference of tests/test_mixed_batch.py)."""
     rows = mixed_rows(model)
     hidden, _ = model.encode(rows)
     logits = model.first_step_logits(rows)
     encoder = logit = scale = 0.0
     for i, row in enumerate(rows):
-        alone, _ = model.encode([row])
-        encoder = max(encoder, (hidden[i, : row.num_tokens] - alone[0]).abs().max().item())
-        single = model.first_step_logits([row])[0]
+        alone = Alone(model, row)
+        encoder = max(encoder, (hidden[i, : row.num_tokens] - alone.encoder_output()).abs().max().item())
+        single = alone.first_step_logits()
         logit = max(logit, (logits[i] - single).abs().max().item())
         scale = max(scale, single.abs().max().item())
     batched = model.generate(rows, Decoding(), [8] * len(rows))
-    agree = sum(batched[i] == model.generate([r], Decoding(), [8])[0] for i, r in enumerate(rows))
+    agree = sum(batched[i].token_ids == Alone(model, row).generate(8) for i, row in enumerate(rows))
     return {"encoder_max_abs": encoder, "logits_max_abs": logit, "logits_scale": scale, "greedy_agree": agree}
 
 
@@ -81,7 +83,7 @@ def main() -> None:
 
 
 def _t5_small() -> tuple:
-    from server.tiny import build_tiny_t5
+    from server.serving.tiny import build_tiny_t5
     from tests.checkpoints import t5_small_config
 
     model, tokenizer = build_tiny_t5(t5_small_config())

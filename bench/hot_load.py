@@ -15,7 +15,6 @@ The ratio reported is cross-replica p50 ÷ same-replica p50. Targets: cross-repl
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import tempfile
@@ -23,12 +22,23 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import common  # noqa: F401  (before torch: the server's OpenMP wait policy, see common.py)
 import httpx
 import torch
-from common import build_model, environment, input_texts, markdown_table, parser, random_prompts
+from common import (
+    build_model,
+    environment,
+    input_texts,
+    markdown_table,
+    parser,
+    percentile,
+    publish,
+    random_prompts,
+    results_file,
+)
 
 from prompt_store import PromptFormat, dump_prompt
-from server.model import FrozenT5
+from server.serving.model import FrozenT5
 from server.settings import Settings
 from tests.redis_server import RedisServer
 from tests.serving import running_server
@@ -36,11 +46,6 @@ from tests.serving import running_server
 TARGET_P50_MS = 100.0
 TARGET_P99_MS = 1000.0
 TASK = "hot"
-
-
-def percentile(values: list[float], q: int) -> float:
-    """The q-th percentile (inclusive method: p99 of 50 samples lies between the two largest)."""
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 class Trial:
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         "uploads": uploads,
         **(environment(model, opts.quick) | {"model": model.model_id}),
     }
-    print(json.dumps(result, ensure_ascii=False), flush=True)
+    publish(result, results_file(opts, "hot_load", *([opts.model] if opts.model != "tiny" else [])))
 
 
 if __name__ == "__main__":

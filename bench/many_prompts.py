@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
+import common  # noqa: F401  (before torch: the server's OpenMP wait policy, see common.py)
 import httpx
 import torch
 from common import (
@@ -41,13 +42,14 @@ from common import (
     markdown_table,
     parser,
     report,
+    results_file,
     rows_for,
     warm_up,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
 from prompt_store import RedisStore, SoftPrompt
-from server.model import Decoding, FrozenT5
+from server.serving.model import Decoding, FrozenT5
 from server.settings import Settings
 from tests.redis_server import RedisServer
 from tests.serving import running_server
@@ -198,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         [setup, comparison.table("requests/s")],
         comparison,
         TARGET,
+        results_file(opts, "many_prompts", *(["tiny"] if opts.model == "tiny" else [])),
         prompts=opts.prompts,
         traffic_tasks=opts.traffic_tasks,
         cache_prompts=opts.cache_prompts,

@@ -1,4 +1,10 @@
-"""Mixed-task batching ÷ per-task batching (PEFT-style: one adapter per batch), 64 tasks, uniform traffic.
+"""Mixed-task batches ÷ one-task batches, scheduled for 64 tasks of uniform traffic and run through the batch runner.
+
+What it is: a scheduled simulation. Both policies pick batches from the same simulated closed-loop queue,
+and the batches they picked run through softserve's own model side (`BatchRunner` over `FrozenT5`); there
+is no HTTP, no asyncio batcher and no PEFT. The per-task policy stands for what a server that can run only
+one adapter per batch (PEFT-style) could at best schedule; PEFT itself is not run (`train_vs_peft.py`
+compares with PEFT, for training).
 
 What the traffic means for batch sizes: 64 clients in a closed loop (each sends its next request as
 soon as the previous one is answered) keep at most 64 rows in the server; with the task of every
@@ -10,17 +16,19 @@ Method: a closed-loop simulation, identical for both policies except for the bat
   * One seeded stream of task ids is the arrival stream: request k asks for the same task under both
     policies. Clients have zero think time and no network, so when a batch is chosen every one of
     the 64 clients has a request queued (this favours the baseline: it always sees all 64 rows).
-  * mixed: the oldest `max_batch_size` (32) rows, any tasks (what `MixedTaskBatcher` takes from one tenant).
+  * mixed: the oldest `max_batch_size` (32) rows, any tasks (what `TenantFairBatcher` takes from one tenant).
     per-task: the task with the most queued rows (ties: the one whose oldest row is oldest), up to
     32 of its rows, oldest first. This is the strongest one-task-per-batch scheduler for this load.
   * The batch choices are decided first (they do not depend on timing); the queue is run for
     `--settle` batches before the counted ones so it is in its steady state. Then the counted
     batches of each policy (`--rows` rows in all) run through the server's own model side,
-    `server.runner.BatchRunner` over `FrozenT5` (greedy, 4 new tokens, 20-token prompts, 32-token
-    inputs), and throughput is rows ÷ the time of those calls.
+    `server.serving.batch_runner.BatchRunner` over `FrozenT5` (greedy, 4 new tokens, 20-token prompts,
+    32-token inputs), and throughput is rows ÷ the time of those calls.
 HTTP, validation and the asyncio batcher cost the same per row under both policies and are measured
 by `server_vs_raw.py`; leaving them out here keeps the ratio about the batching policy alone.
 Rounds alternate (ABBA); the ratio is the median over rounds of mixed ÷ per-task. Target: >= 2.5.
+Also reported: a line fitted through every timed call (fixed cost + cost per row) and the gain it allows
+at most, the per-row cost at the per-task policy's mean batch ÷ that at the mixed policy's.
 """
 
 from __future__ import annotations
@@ -28,8 +36,10 @@ from __future__ import annotations
 import random
 import statistics
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from common import (
     BATCH_SIZE,
@@ -44,12 +54,12 @@ from common import (
     parser,
     random_prompts,
     report,
-    timed,
+    results_file,
     warm_up,
 )
 
-from server.model import FrozenT5, Row
-from server.runner import BatchRunner, GenerateWork
+from server.serving.batch_runner import BatchRunner, GenerateWork
+from server.serving.model import FrozenT5, Row
 
 TARGET = 2.5
 TASKS = 64
@@ -101,8 +111,36 @@ def work_items(model: FrozenT5, batches: list[list[Request]], seed: int) -> list
     return [[work(*request) for request in batch] for batch in batches]
 
 
-def runner_throughput(runner: BatchRunner, batches: list[list[GenerateWork]]) -> float:
-    return sum(map(len, batches)) / timed(lambda: [runner(batch) for batch in batches])
+def runner_throughput(runner: BatchRunner, batches: list[list[GenerateWork]], calls: list[tuple[int, float]]) -> float:
+    """Rows per second of running `batches`; each call's (rows, seconds) is added to `calls`."""
+
+    def run() -> float:
+        started = time.perf_counter()
+        for batch in batches:
+            call_started = time.perf_counter()
+            runner(batch)
+            calls.append((len(batch), time.perf_counter() - call_started))
+        return time.perf_counter() - started
+
+    return sum(map(len, batches)) / on_model_thread(run)
+
+
+@dataclass(frozen=True)
+class CallCost:
+    """A least-squares line through every timed call: seconds = fixed + per_row * rows. It says how much any
+    batching can gain on this machine: one-task batches of `m` rows cost (fixed + per_row * m) / m per row."""
+
+    fixed_s: float
+    per_row_s: float
+
+    @classmethod
+    def fit(cls, calls: list[tuple[int, float]]) -> CallCost:
+        per_row, fixed = statistics.linear_regression([rows for rows, _ in calls], [s for _, s in calls])
+        return cls(fixed, per_row)
+
+    def gain_ceiling(self, small: float, large: float) -> float:
+        """Per-row cost of batches of `small` rows ÷ that of batches of `large` rows."""
+        return (self.fixed_s / small + self.per_row_s) / (self.fixed_s / large + self.per_row_s)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,26 +158,37 @@ def main(argv: list[str] | None = None) -> None:
     warm_up(model, [w.row for w in work["mixed"][0]])
     on_model_thread(runner, work["per-task"][0])
 
+    calls: list[tuple[int, float]] = []
     comparison = compare(
-        ("mixed", lambda: runner_throughput(runner, work["mixed"])),
-        ("per-task", lambda: runner_throughput(runner, work["per-task"])),
+        ("mixed", lambda: runner_throughput(runner, work["mixed"], calls)),
+        ("per-task", lambda: runner_throughput(runner, work["per-task"], calls)),
         repeats,
     )
     shape = {name: _shape(chosen) for name, chosen in batches.items()}
+    cost = CallCost.fit(calls)
+    ceiling = cost.gain_ceiling(shape["per-task"][2], shape["mixed"][2])
     table = markdown_table(
         ["policy", "batches", "rows", "mean rows/batch", "batch sizes (size x count)", "mean tasks/batch", "ms/batch"],
         [[name, *values, 1000 * values[2] / comparison.median(name)] for name, values in shape.items()],
     )
+    fit = markdown_table(
+        ["model call cost (least squares over every call)", "fixed ms", "ms per row", "gain ceiling"],
+        [["seconds = fixed + per row x rows", 1000 * cost.fixed_s, 1000 * cost.per_row_s, ceiling]],
+    )
     report(
         "mixed_vs_per_task",
-        [table, comparison.table("rows/s")],
+        [table, fit, comparison.table("rows/s")],
         comparison,
         TARGET,
+        results_file(opts, "mixed_vs_per_task"),
         tasks=TASKS,
         clients=CLIENTS,
         max_batch_size=BATCH_SIZE,
         mean_batch_mixed=shape["mixed"][2],
         mean_batch_per_task=shape["per-task"][2],
+        call_fixed_ms=round(1000 * cost.fixed_s, 1),
+        call_ms_per_row=round(1000 * cost.per_row_s, 2),
+        gain_ceiling=round(ceiling, 2),
         **environment(model, opts.quick),
     )
 

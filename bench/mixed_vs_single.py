@@ -21,6 +21,7 @@ from common import (
     parser,
     random_prompts,
     report,
+    results_file,
     rows_for,
     warm_up,
 )
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         [comparison.table()],
         comparison,
         TARGET,
+        results_file(opts, "mixed_vs_single"),
         batch_size=BATCH_SIZE,
         calls_per_sample=calls,
         **environment(model, opts.quick),

@@ -1,62 +1,87 @@
 """Overload: does throughput hold when offered more than the server can do?
 
 A real `softserve serve` process (a random model with t5-small shapes, saved and loaded from disk)
-serves 32 tasks. Phase 1 finds the maximum sustained throughput with a closed loop of 2 x max-batch
-clients. Phases 2 and 3 offer 2x and 4x that rate open-loop (Poisson arrivals, each request one row of
-~32 tokens, 4 new tokens) for a fixed window. Reported per phase: accepted throughput (200s completed in
-the window) / maximum (target >= 0.9: overload must not collapse throughput), p99 latency of accepted
-requests, and the share of 503 and 429 answers. The queue is bounded at 2 batches
-(`--max-queue-size`), so overload is shed at once with 503 + Retry-After instead of growing latency.
+serves 32 tasks. A calibration run (a closed loop of 2 x max-batch clients, not counted) estimates the
+maximum sustained throughput, and the offered rates of the overload phases are fixed from it: 2x and 4x
+that rate, open-loop (Poisson arrivals, each request one row of ~32 tokens, 4 new tokens). Then
+`--repeats` rounds each run three phases of `--seconds`, in alternating order (ABBA): "max" (the closed
+loop again), "offered 2x" and "offered 4x". The ratio of an overload phase is the median over rounds of
+its accepted throughput (200s per second) ÷ the same round's max; the reported ratio is the lower of the
+two (target >= 0.9: overload must not collapse throughput). Per phase, medians over rounds of: the p99
+latency of accepted requests, the share of 503 and 429 answers, and the load generator's CPU time per
+request (it is this process, an httpx client on the same cores as the server). The queue is bounded at
+2 batches (`--max-queue-size`), so overload is shed at once with 503 + Retry-After instead of growing
+latency.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
 import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import common  # noqa: F401  (before torch: see common.py)
 import httpx
-import safetensors.torch
-from common import BATCH_SIZE, input_texts, markdown_table, parser, random_prompts
+from common import (
+    BATCH_SIZE,
+    Comparison,
+    checkpoint_server,
+    input_texts,
+    interleaved,
+    markdown_table,
+    parser,
+    percentile,
+    publish,
+    random_prompts,
+    results_file,
+    upload_prompts,
+)
 
-from server.tiny import build_tiny_t5
-from tests.checkpoints import save_checkpoint, t5_small_config
-from tests.serving import server_process
+from server.serving.tiny import build_tiny_t5
+from tests.checkpoints import t5_small_config
 
 TARGET = 0.9
 TASKS = 32
+MAX = "max (closed loop)"
+FACTORS = (2, 4)
+FIELDS = ["accepted_per_s", "p99_s", "share_503", "share_429", "client_cpu_ms_per_request"]
+
+Outcome = tuple[int, float]  # HTTP status, latency in seconds
 
 
-async def closed_loop(url: str, texts: list[str], clients: int, seconds: float) -> dict[str, object]:
+async def closed_loop(url: str, texts: list[str], clients: int, seconds: float) -> dict[str, float]:
     """`clients` clients sending back to back; the rate they get is the maximum sustained throughput."""
     stop = time.perf_counter() + seconds
-    outcomes: list[tuple[int, float]] = []
+    outcomes: list[Outcome] = []
 
     async def client(worker: int, http: httpx.AsyncClient) -> None:
         while time.perf_counter() < stop:
             outcomes.append(await send(http, worker, texts))
 
+    cpu_started = time.process_time()
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=clients)) as http:
         started = time.perf_counter()
         await asyncio.gather(*(client(i, http) for i in range(clients)))
         elapsed = time.perf_counter() - started
-    return summarize("max (closed loop)", outcomes, elapsed)
+    return summarize(outcomes, elapsed, time.process_time() - cpu_started)
 
 
-async def open_loop(url: str, texts: list[str], rate: float, seconds: float, seed: int) -> dict[str, object]:
+async def open_loop(url: str, texts: list[str], rate: float, seconds: float, seed: int) -> dict[str, float]:
     """Poisson arrivals at `rate` per second for `seconds`; waits for every answer. Accepted throughput is
     the 200s over the span from the first arrival to the last answer (so work still in flight when the
     arrivals stop is neither lost nor counted as free)."""
     rng = random.Random(seed)
-    outcomes: list[tuple[int, float]] = []
+    outcomes: list[Outcome] = []
 
     async def one(i: int) -> None:
         outcomes.append(await send(http, i, texts))
 
+    cpu_started = time.process_time()
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=1000)) as http:
         pending = []
         started = time.perf_counter()
@@ -68,73 +93,103 @@ async def open_loop(url: str, texts: list[str], rate: float, seconds: float, see
             await asyncio.sleep(max(0.0, rng.expovariate(rate) - (time.perf_counter() - now)))
         await asyncio.gather(*pending)
         elapsed = time.perf_counter() - started
-    return summarize(f"offered {rate:.1f} req/s", outcomes, elapsed)
+    return summarize(outcomes, elapsed, time.process_time() - cpu_started)
 
 
-async def send(http: httpx.AsyncClient, i: int, texts: list[str]) -> tuple[int, float]:
+async def send(http: httpx.AsyncClient, i: int, texts: list[str]) -> Outcome:
     body = {"task_id": f"task{i % TASKS}", "inputs": texts[i % len(texts)], "parameters": {"max_new_tokens": 4}}
     started = time.perf_counter()
     response = await http.post("/v1/generate", json=body)
     return response.status_code, time.perf_counter() - started
 
 
-def summarize(phase: str, outcomes: list[tuple[int, float]], seconds: float) -> dict[str, object]:
+def summarize(outcomes: list[Outcome], seconds: float, client_cpu_s: float) -> dict[str, float]:
     accepted = [latency for status, latency in outcomes if status == 200]
-    p99 = statistics.quantiles(accepted, n=100)[98] if len(accepted) >= 2 else float("nan")
+    unexpected = {status for status, _ in outcomes} - {200, 503, 429}
+    if unexpected:
+        raise RuntimeError(f"answers other than 200, 503 and 429: {sorted(unexpected)}")
     return {
-        "phase": phase,
         "accepted_per_s": len(accepted) / seconds,
-        "p99_s": p99,
+        "p99_s": percentile(accepted, 99) if len(accepted) >= 2 else float("nan"),
         "share_503": sum(s == 503 for s, _ in outcomes) / max(1, len(outcomes)),
         "share_429": sum(s == 429 for s, _ in outcomes) / max(1, len(outcomes)),
-        "other": sorted({s for s, _ in outcomes} - {200, 503, 429}),
+        "client_cpu_ms_per_request": 1000 * client_cpu_s / max(1, len(outcomes)),
     }
 
 
-def upload_tasks(url: str, d_model: int, seed: int) -> None:
-    for i, prompt in enumerate(random_prompts(TASKS, d_model, seed)):
-        data = safetensors.torch.save({"prompt_embeddings": prompt})
-        httpx.put(f"{url}/v1/prompts/task{i}", files={"file": ("p", data)}, timeout=60).raise_for_status()
+def offered(factor: int) -> str:
+    return f"offered {factor}x"
+
+
+class Phases:
+    """The three phases as samplers of accepted requests per second; every run's summary is kept."""
+
+    def __init__(self, url: str, texts: list[str], max_estimate: float, seconds: float, seed: int) -> None:
+        self.url, self.texts, self.seconds, self.seed = url, texts, seconds, seed
+        self.rates = {offered(factor): factor * max_estimate for factor in FACTORS}
+        self.runs: dict[str, list[dict[str, float]]] = {MAX: [], **{name: [] for name in self.rates}}
+
+    def samplers(self) -> dict[str, Callable[[], float]]:
+        return {name: functools.partial(self.sample, name) for name in self.runs}
+
+    def sample(self, name: str) -> float:
+        if name == MAX:
+            run = closed_loop(self.url, self.texts, 2 * BATCH_SIZE, self.seconds)
+        else:  # a new arrival stream every round and phase
+            seed = self.seed + 100 * len(self.runs[name]) + list(self.rates).index(name)
+            run = open_loop(self.url, self.texts, self.rates[name], self.seconds, seed)
+        summary = asyncio.run(run)
+        self.runs[name].append(summary)
+        return summary["accepted_per_s"]
+
+    def median(self, name: str, field: str) -> float:
+        return statistics.median(run[field] for run in self.runs[name])
 
 
 def main() -> None:
-    args = parser(__doc__ or "", repeats=1)
-    args.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
+    args = parser(__doc__.splitlines()[0], repeats=3)
+    args.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
     options = args.parse_args()
-    seconds = 4.0 if options.quick else options.seconds
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = save_checkpoint(t5_small_config(), Path(tmp) / "model")
-        model, tokenizer = build_tiny_t5(t5_small_config())
-        texts = input_texts(_Tokenizing(tokenizer), 64, options.seed)
-        flags = ("--model", str(checkpoint), "--device", options.device, "--max-batch-size", str(BATCH_SIZE))
-        flags += ("--max-queue-size", str(2 * BATCH_SIZE), "--request-timeout-s", "120")
-        with server_process(Path(tmp) / "data", *flags, timeout_s=300) as (_, url):
-            upload_tasks(url, model.config.d_model, options.seed)
-            asyncio.run(closed_loop(url, texts, BATCH_SIZE, min(seconds, 5)))  # warm-up
-            phases = [asyncio.run(closed_loop(url, texts, 2 * BATCH_SIZE, seconds))]
-            best = float(phases[0]["accepted_per_s"])  # type: ignore[arg-type]
-            for factor in (2, 4):
-                phase = asyncio.run(open_loop(url, texts, factor * best, seconds, options.seed + factor))
-                phases.append(phase | {"phase": f"offered {factor}x max"})
+    repeats, seconds = (1, 3.0) if options.quick else (options.repeats, options.seconds)
+    _, tokenizer = build_tiny_t5(t5_small_config())
+    texts = input_texts(_Tokenizing(tokenizer), 64, options.seed)
+    prompts = random_prompts(TASKS, t5_small_config().d_model, options.seed)
+    flags = ("--max-queue-size", str(2 * BATCH_SIZE), "--request-timeout-s", "120")
+    with tempfile.TemporaryDirectory() as tmp, checkpoint_server(Path(tmp), options, *flags) as (_, _, url):
+        upload_prompts(url, [f"task{i}" for i in range(TASKS)], prompts)
+        asyncio.run(closed_loop(url, texts, BATCH_SIZE, min(seconds, 5)))  # warm-up
+        calibration = asyncio.run(closed_loop(url, texts, 2 * BATCH_SIZE, seconds))["accepted_per_s"]
+        phases = Phases(url, texts, calibration, seconds, options.seed)
+        samples = interleaved(phases.samplers(), repeats)
+
+    ratios = {name: Comparison(name, MAX, samples).ratio for name in phases.rates}
     rows = [
-        [p["phase"], p["accepted_per_s"], float(p["accepted_per_s"]) / best, p["p99_s"], p["share_503"], p["share_429"]]  # type: ignore[arg-type]
-        for p in phases
+        [name, phases.rates.get(name, ""), phases.median(name, FIELDS[0]), ratios.get(name, 1.0)]
+        + [phases.median(name, field) for field in FIELDS[1:]]
+        for name in phases.runs
     ]
-    print(markdown_table(["phase", "accepted req/s", "÷ max", "p99 accepted s", "503 share", "429 share"], rows))
+    headers = ["phase (medians over rounds)", "offered req/s", "accepted req/s", "÷ max (median of rounds)"]
+    print(markdown_table([*headers, "p99 accepted s", "503 share", "429 share", "client CPU ms/request"], rows))
     print()
-    ratio = min(float(p["accepted_per_s"]) for p in phases[1:]) / best  # type: ignore[arg-type]
+    ratio = min(ratios.values())
     result = {
         "bench": "overload",
         "ratio": round(ratio, 4),
+        **{f"ratio_{name.removeprefix('offered ')}": round(value, 4) for name, value in ratios.items()},
         "target": TARGET,
         "meets_target": ratio >= TARGET,
-        "max_req_per_s": round(best, 2),
-        "phases": phases,
+        "max_req_per_s": round(phases.median(MAX, "accepted_per_s"), 2),
+        "calibration_req_per_s": round(calibration, 2),
+        "phases": {name: {field: round(phases.median(name, field), 4) for field in FIELDS} for name in phases.runs},
+        "offered_req_per_s": {name: round(rate, 2) for name, rate in phases.rates.items()},
+        "accepted_req_per_s_by_round": {name: [round(v, 2) for v in values] for name, values in samples.items()},
+        "rounds": repeats,
         "seconds_per_phase": seconds,
         "device": options.device,
+        "dtype": options.dtype,
         "quick": options.quick,
     }
-    print(json.dumps(result), flush=True)
+    publish(result, results_file(options, "overload"))
 
 
 class _Tokenizing:

@@ -1,36 +1,40 @@
 """End-to-end HTTP throughput of the server ÷ the raw model's throughput on the same batches.
 
-Server side: the real app under uvicorn (`tests.serving.running_server`, same process, same `FrozenT5`
-object), 32 prompts of 20 tokens uploaded with `PUT /v1/prompts/{task_id}` as safetensors, and a
+Each side runs as it really would. The server side is a real `softserve serve` process serving a random
+model with t5-small's shapes, saved as a checkpoint: like every `softserve serve` it sets
+`OMP_WAIT_POLICY=PASSIVE` before torch loads and sets its torch threads from `--cpu-threads` (default:
+one per core). The raw side is this process, a plain script: it loads torch before anything imports
+`server` (the first import below), so its OpenMP threads keep the policy of the environment the bench was
+started in (usually unset), and torch's default threads (one per core); it loads the same checkpoint
+with `FrozenT5.load` and calls `FrozenT5.generate` directly. Both policies are in the JSON result.
+
+Server side: 32 prompts of 20 tokens uploaded with `PUT /v1/prompts/{task_id}` as safetensors, and a
 closed loop of 64 clients (client c always asks for task c mod 32), each with one request of one
 32-token input and `max_new_tokens=4` in flight at a time; with `max_batch_size=32` every batch is
 32 rows of (typically) 25-30 different tasks.
 
-The load generator is a separate process (multiprocessing, spawn), so its CPU time is not spent
-under the server's GIL: one asyncio loop (uvloop when installed) running the 64 clients, each on a
-keep-alive connection of its own. It shares the cores with the server, so its CPU time is part of
-the measured cost; the default `--client lean` (a minimal HTTP/1.1 client in this file) keeps that
-cost small, `--client httpx` uses an `httpx.AsyncClient` pool of 64 connections instead. In the raw
-rounds that process sleeps.
+The load generator is a separate process (multiprocessing, spawn): one asyncio loop (uvloop when
+installed) running the 64 clients, each on a keep-alive connection of its own. It shares the cores with
+the server, so its CPU time is part of the measured cost; the default `--client lean` (a minimal
+HTTP/1.1 client in this file) keeps that cost small, `--client httpx` uses an `httpx.AsyncClient` pool
+of 64 connections instead. In the raw rounds it sleeps, as the server does.
 One server sample: issue requests until `--warm + --measured` have completed, and divide
 `--measured` by the time between the warm-th and the last counted completion (responses come back a
 batch at a time, so this window spans whole batches in steady state); requests still in flight then
 finish before the next sample.
 
-Raw side: `FrozenT5.generate` called directly on a batch of 32 rows with the same prompts and inputs,
-`--measured / 32` calls per sample, on a dedicated thread as the server's model runs (see common.py).
-On CPU the raw side keeps torch's default threads (one per core); the server sets its own with its
-`cpu_threads` setting (default: one per core, as the raw side; `--cpu-threads` here).
-Both counts are printed.
+Raw side: `FrozenT5.generate` on a batch of 32 rows with the same prompts and inputs, `--measured / 32`
+calls per sample, on a dedicated thread as the server's model runs (see common.py).
 
 Rounds alternate (ABBA); the ratio is the median over rounds of server ÷ raw. Target: >= 0.85.
 Where the difference goes is reported too: the server's batches from its metrics (rows, distinct
-tasks, model time per batch against the raw time per batch), and CPU time per row by thread role
-(Linux /proc): the model thread and its torch workers, the event loop (HTTP, validation, batching),
-and the client process.
+tasks, model time per batch against the raw time per batch), and CPU time per row of each process
+(Linux /proc): the server, the load generator, and this process (the raw side's model).
 """
 
 from __future__ import annotations
+
+import torch  # isort: skip  (first, before `server` sets the server's OpenMP wait policy: see above)
 
 import asyncio
 import contextlib
@@ -41,21 +45,19 @@ import os
 import re
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import httpx
-import torch
 from common import (
     BATCH_SIZE,
     MAX_NEW_TOKENS,
-    build_model,
+    TORCH_LOADED_BEFORE_SERVER,
+    checkpoint_server,
     compare,
     environment,
     generate_throughput,
@@ -65,15 +67,15 @@ from common import (
     parser,
     random_prompts,
     report,
+    results_file,
     rows_for,
+    upload_prompts,
     warm_up,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from prompt_store import PromptFormat, dump_prompt
-from server.model import FrozenT5, Row
+from server.serving.model import FrozenT5, Row
 from server.settings import Settings
-from tests.serving import running_server
 
 TARGET = 0.85
 TASKS = 32
@@ -217,59 +219,48 @@ class LoadGenerator:
         self._process.join(timeout=30)
 
 
-CPU_GROUPS = ["model thread", "torch workers", "event loop + helpers", "client process"]
+CPU_GROUPS = ["server process", "client process", "bench process (raw model)"]
 
 
-def thread_cpu() -> Counter[str]:
-    """CPU seconds of this process's threads by role (Linux /proc; empty elsewhere)."""
-    names = {thread.native_id: thread.name for thread in threading.enumerate()}
-    usage: Counter[str] = Counter()
-    tasks = Path("/proc/self/task")
-    for task in tasks.iterdir() if tasks.exists() else []:
-        with contextlib.suppress(OSError):  # a thread may end while we read
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            usage[_role(names.get(int(task.name)))] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return usage
-
-
-def _role(thread_name: str | None) -> str:
-    if thread_name is None:
-        return "torch workers"  # native threads: the intra-op (OpenMP) team of the model thread
-    if thread_name.startswith(("softserve-model", "bench-model")):
-        return "model thread"
-    return "main thread" if thread_name == "MainThread" else "event loop + helpers"
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) that process `pid` has used (Linux /proc; 0 elsewhere)."""
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
 
 
 class CpuMeter:
     """Where one side's CPU time went, summed over its samples, per row served."""
 
-    def __init__(self) -> None:
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
         self.seconds: Counter[str] = Counter()
         self.wall_s = 0.0
         self.rows = 0
 
     def measure(self, sample: Callable[[], tuple[float, int, float]]) -> float:
         """Runs `sample() -> (throughput, rows, client CPU s)`, books its CPU time, returns the throughput."""
-        before, started = thread_cpu(), time.perf_counter()
+        server, bench, started = process_cpu_s(self.server_pid), time.process_time(), time.perf_counter()
         throughput, rows, client_s = sample()
         self.wall_s += time.perf_counter() - started
-        self.seconds.update(thread_cpu() - before)
-        self.seconds["client process"] += client_s
+        self.seconds.update(
+            {
+                "server process": process_cpu_s(self.server_pid) - server,
+                "client process": client_s,
+                "bench process (raw model)": time.process_time() - bench,
+            }
+        )
         self.rows += rows
         return throughput
 
+    def per_row_ms(self) -> dict[str, float]:
+        return {group: round(1000 * self.seconds[group] / self.rows, 3) for group in CPU_GROUPS}
+
     def row(self, side: str) -> list[object]:
-        per_row = [1000 * self.seconds[group] / self.rows for group in CPU_GROUPS]
+        per_row = list(self.per_row_ms().values())
         wall = 1000 * self.wall_s / self.rows
         return [side, *per_row, sum(per_row), wall, sum(per_row) / wall]
-
-
-def upload_prompts(base_url: str, prompts: list, task_ids: list[str]) -> None:
-    with httpx.Client(base_url=base_url, timeout=60) as http:
-        for task_id, prompt in zip(task_ids, prompts, strict=True):
-            data = dump_prompt(prompt, PromptFormat.SAFETENSORS)
-            response = http.put(f"/v1/prompts/{task_id}", files={"file": ("prompt.safetensors", data)})
-            response.raise_for_status()
 
 
 def batch_means(base_url: str) -> dict[str, float]:
@@ -301,13 +292,6 @@ def raw_sample(model: FrozenT5, rows: list[Row], calls: int) -> tuple[float, int
     return generate_throughput(model, rows, calls), len(rows) * calls, 0.0
 
 
-def fresh_thread_torch_threads() -> int:
-    """torch's CPU threads as a new thread adopts them (at its first op): after start-up, what the server
-    chose for its model thread (`cpu_threads`)."""
-    with ThreadPoolExecutor(max_workers=1) as fresh:
-        return fresh.submit(torch.get_num_threads).result()
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parser(__doc__.splitlines()[0], repeats=6)
     args.add_argument("--warm", type=int, default=2 * BATCH_SIZE, help="completions before the window opens")
@@ -317,38 +301,35 @@ def main(argv: list[str] | None = None) -> None:
     args.add_argument("--client", choices=["lean", "httpx"], default="lean", help="the load generator's HTTP client")
     opts = args.parse_args(argv)
     repeats, warm, measured = (1, BATCH_SIZE, BATCH_SIZE) if opts.quick else (opts.repeats, opts.warm, opts.measured)
+    if not TORCH_LOADED_BEFORE_SERVER:
+        raise RuntimeError("torch must load before `server` here, or the raw side runs under the server's policy")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    flags = ("--max-wait-ms", str(opts.max_wait_ms), "--cpu-threads", str(opts.cpu_threads))
 
-    model = build_model(opts.device, opts.threads, opts.dtype)
-    prompts = random_prompts(TASKS, model.d_model, opts.seed)
-    texts = input_texts(model, BATCH_SIZE, opts.seed)
-    task_ids = [f"task-{i:02d}" for i in range(TASKS)]
-    rows = rows_for(model, prompts, texts)
-    warm_up(model, rows)  # before the server starts: the raw side keeps the threads torch had then
-    raw_threads = on_model_thread(torch.get_num_threads)
-    raw_calls = max(1, measured // BATCH_SIZE)
-    meters = (CpuMeter(), CpuMeter())
-
-    with tempfile.TemporaryDirectory() as data_dir:
-        settings = Settings(
-            data_dir=Path(data_dir),
-            max_batch_size=BATCH_SIZE,
-            max_wait_ms=opts.max_wait_ms,
-            cpu_threads=opts.cpu_threads,
-        )
-        with running_server(settings, model) as base_url:
-            server_threads = fresh_thread_torch_threads()
-            upload_prompts(base_url, prompts, task_ids)
-            load = LoadGenerator(LoadPlan(base_url, task_ids, texts, CLIENTS, opts.client))
-            try:
-                load.run(warm, BATCH_SIZE)  # warm-up: connections, prompt cache, first batches
-                comparison = compare(
-                    ("server (HTTP)", lambda: meters[0].measure(lambda: server_sample(load, warm, measured))),
-                    ("raw generate", lambda: meters[1].measure(lambda: raw_sample(model, rows, raw_calls))),
-                    repeats,
-                )
-            finally:
-                load.close()
-            batches = batch_means(base_url)
+    with tempfile.TemporaryDirectory() as tmp, checkpoint_server(Path(tmp), opts, *flags) as (checkpoint, pid, url):
+        model = FrozenT5.load(str(checkpoint), opts.device, opts.dtype)
+        prompts = random_prompts(TASKS, model.d_model, opts.seed)
+        texts = input_texts(model, BATCH_SIZE, opts.seed)
+        task_ids = [f"task-{i:02d}" for i in range(TASKS)]
+        rows = rows_for(model, prompts, texts)
+        warm_up(model, rows)
+        raw_threads = on_model_thread(torch.get_num_threads)
+        raw_calls = max(1, measured // BATCH_SIZE)
+        meters = (CpuMeter(pid), CpuMeter(pid))
+        upload_prompts(url, task_ids, prompts)
+        load = LoadGenerator(LoadPlan(url, task_ids, texts, CLIENTS, opts.client))
+        try:
+            load.run(warm, BATCH_SIZE)  # warm-up: connections, prompt cache, first batches
+            comparison = compare(
+                ("server (HTTP)", lambda: meters[0].measure(lambda: server_sample(load, warm, measured))),
+                ("raw generate", lambda: meters[1].measure(lambda: raw_sample(model, rows, raw_calls))),
+                repeats,
+            )
+        finally:
+            load.close()
+        batches = batch_means(url)
+    server_threads = opts.cpu_threads or os.cpu_count()  # what `FrozenT5.use_cpu_threads` sets
 
     latency = sorted(r.median_latency_s for r in load.results)[len(load.results) // 2]
     raw_batch_s = BATCH_SIZE / comparison.median("raw generate")
@@ -372,11 +353,13 @@ def main(argv: list[str] | None = None) -> None:
         ["CPU ms per row", *CPU_GROUPS, "CPU total", "wall", "cores busy"],
         [meters[0].row("server (HTTP)"), meters[1].row("raw generate")],
     )
+    environment_fields = environment(model, opts.quick)
     report(
         "server_vs_raw",
         [setup, server_batches, cpu, comparison.table("rows/s")],
         comparison,
         TARGET,
+        results_file(opts, "server_vs_raw"),
         clients=CLIENTS,
         client=opts.client,
         tasks=TASKS,
@@ -388,7 +371,11 @@ def main(argv: list[str] | None = None) -> None:
         server_mean_batch_rows=round(batches["rows"], 2),
         server_mean_model_s_per_batch=round(batches["model_s"], 4),
         raw_s_per_batch=round(raw_batch_s, 4),
-        **environment(model, opts.quick),
+        server_cpu_ms_per_row=meters[0].per_row_ms(),
+        raw_cpu_ms_per_row=meters[1].per_row_ms(),
+        server_omp_wait_policy=os.environ["OMP_WAIT_POLICY"],  # the server inherits this process's environment
+        raw_omp_wait_policy=environment_fields.pop("omp_wait_policy"),
+        **environment_fields,
     )
 
 

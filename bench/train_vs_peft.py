@@ -5,28 +5,25 @@ seed), with the same batches (random token ids, ragged input and target lengths,
 same Adafactor settings. A step is zero_grad + forward + loss + backward + optimizer step. The two are
 interleaved (alternating which goes first each round) so machine noise hits both alike; the ratio is the
 median over rounds of softserve's step time ÷ PEFT's (target <= 1.0). Prints a markdown table and then one
-JSON line, last: {"bench": "train_vs_peft", "ratio": ..., ...}.
+JSON line, last: {"bench": "train_vs_peft", "ratio": ..., ...}. Both sides share this process and so one
+OpenMP wait policy, the server's (PASSIVE, as a training worker runs; recorded in the result).
 
-    python bench/train_vs_peft.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
+    python bench/train_vs_peft.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats N]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
+import common  # noqa: F401  (before torch: see common.py)
 import torch
+from common import OMP_WAIT_POLICY, parser, publish, results_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from server.model import FrozenT5, resolve_device, resolve_dtype
-from server.tiny import build_tiny_t5
+from server.serving.model import FrozenT5, resolve_device, resolve_dtype
+from server.serving.tiny import build_tiny_t5
 from server.training import ADAFACTOR_SETTINGS, PromptTrainer, TrainingConfig
 from tests.checkpoints import t5_small_config
 
@@ -70,18 +67,13 @@ def timed(step: Callable[[], float], device: torch.device) -> tuple[float, float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few rounds, shorter inputs (a smoke run)")
-    parser.add_argument("--device", default="cpu", help="`cpu`, `cuda`, `auto`")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--prompt-length", type=int, default=100)
-    parser.add_argument("--input-len", type=int, default=None, help="longest input, tokens (default 128, quick 64)")
-    parser.add_argument("--target-len", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=None, help="timed steps of each (default 20, quick 5)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    args = parser.parse_args()
-    rounds = args.rounds or (5 if args.quick else 20)
+    options = parser(__doc__.splitlines()[0], repeats=20)
+    options.add_argument("--batch-size", type=int, default=8)
+    options.add_argument("--prompt-length", type=int, default=100)
+    options.add_argument("--input-len", type=int, default=None, help="longest input, tokens (default 128, quick 64)")
+    options.add_argument("--target-len", type=int, default=8)
+    args = options.parse_args()
+    rounds = 5 if args.quick else args.repeats
     input_len = args.input_len or (64 if args.quick else 128)
     warmup = 2 if args.quick else 3
     if args.threads:
@@ -113,7 +105,7 @@ def main() -> None:
         table.copy_(trainer.prompt.detach().to(table.dtype))
     peft_optimizer = Adafactor([table], lr=recipe.learning_rate, weight_decay=recipe.weight_decay, **ADAFACTOR_SETTINGS)
 
-    batches = make_batches(warmup + rounds, args.batch_size, input_len, args.target_len, config.vocab_size, 0)
+    batches = make_batches(warmup + rounds, args.batch_size, input_len, args.target_len, config.vocab_size, args.seed)
 
     # Each step starts from the collated CPU tensors, as in a training loop: both sides pay their own
     # host-to-device copies and input preparation inside the timed step.
@@ -185,9 +177,10 @@ def main() -> None:
         "device": device_name,
         "dtype": dtype_name,
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": OMP_WAIT_POLICY,
         "quick": args.quick,
     }
-    print(json.dumps(result), flush=True)
+    publish(result, results_file(args, "train_vs_peft", *([f"batch{args.batch_size}"] if args.batch_size != 8 else [])))
 
 
 if __name__ == "__main__":

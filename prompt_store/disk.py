@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -17,35 +16,20 @@ from pathlib import Path
 
 import safetensors.torch
 
+from prompt_store.atomic import write_atomically
 from prompt_store.errors import TaskNotFound, VersionNotFound
 from prompt_store.formats import PROMPT_KEY
 from prompt_store.prompt import SoftPrompt
 from prompt_store.records import TaskMetadata, TaskRecord, VersionInfo, is_valid_task_id
+from prompt_store.store import LoadSource
 
 TASK_FILE = "task.json"
 VERSION_FILE = re.compile(r"^v([0-9]+)\.safetensors$")
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 class DiskStore:
+    primary: LoadSource = "disk"
+
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -69,6 +53,9 @@ class DiskStore:
             return TaskRecord.model_validate_json(path.read_bytes())
         except FileNotFoundError:
             raise TaskNotFound(task_id) from None
+
+    def get_task_traced(self, tenant: str, task_id: str) -> tuple[TaskRecord, LoadSource]:
+        return self.get_task(tenant, task_id), "disk"
 
     def list_tasks(self, tenant: str) -> list[TaskRecord]:
         if not is_valid_task_id(tenant):
@@ -122,6 +109,9 @@ class DiskStore:
             self.get_task(tenant, task_id)
             raise VersionNotFound(task_id, version) from None
         return SoftPrompt(tensors[PROMPT_KEY])
+
+    def load_prompt_traced(self, tenant: str, task_id: str, version: int) -> tuple[SoftPrompt, LoadSource]:
+        return self.load_prompt(tenant, task_id, version), "disk"
 
     def activate(self, tenant: str, task_id: str, version: int) -> TaskRecord:
         with self._lock:

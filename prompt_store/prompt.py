@@ -31,10 +31,6 @@ class SoftPrompt:
     def d_model(self) -> int:
         return int(self.embeddings.shape[1])
 
-    @property
-    def nbytes(self) -> int:
-        return self.embeddings.numel() * self.embeddings.element_size()
-
 
 def check_prompt_shape(shape: Sequence[int], d_model: int | None, max_length: int) -> None:
     """Checks a `[length, d_model]` shape (or `[1, length, d_model]`) against the limits.

@@ -38,25 +38,25 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import quote
 
 import redis
 import safetensors.torch
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from prompt_store import redis_scripts as scripts
-from prompt_store.disk import DiskStore, write_atomically
+from prompt_store.atomic import write_atomically
+from prompt_store.disk import DiskStore
 from prompt_store.errors import PromptStoreError, StoreUnavailable, TaskNotFound, VersionNotFound
 from prompt_store.formats import PROMPT_KEY
 from prompt_store.prompt import SoftPrompt
 from prompt_store.records import TaskMetadata, TaskRecord, VersionInfo, is_valid_task_id
+from prompt_store.redis_clients import connect
+from prompt_store.store import LoadSource
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-LoadSource = Literal["redis", "disk"]
 TaskKey = tuple[str, str]
 
 UNAVAILABLE = "the prompt registry's Redis is unavailable; prompt changes are refused until it is back"
@@ -134,6 +134,8 @@ def record_from_fields(tenant: str, task_id: str, raw: dict[bytes, bytes]) -> Ta
 class RedisStore:
     """A `PromptStore` on Redis, written through to a `DiskStore` mirror (or Redis alone: `mirror=None`)."""
 
+    primary: LoadSource = "redis"
+
     def __init__(
         self,
         url: str,
@@ -142,29 +144,16 @@ class RedisStore:
         timeout_s: float = 1.0,
         retry_interval_s: float = 1.0,
     ) -> None:
-        self.url = url
         self.mirror = mirror
         self.namespace = namespace
         self.channel = f"{namespace}:changes"
         self._marker = f"{namespace}:populated"
         self.timeout_s = timeout_s
         self.retry_interval_s = retry_interval_s
-        # One immediate retry on a broken connection (a pooled one can be stale after a Redis restart), none
-        # on a timeout: that would make every request wait twice while Redis is stalled.
-        self.client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-        )
+        self.client = connect(url, timeout_s)
         # Write scripts: never sent twice, and their reply is awaited a whole timeout past their deadline,
         # so a script Redis ran in time is answered (see `redis_scripts`).
-        self._writer = redis.Redis.from_url(
-            url,
-            socket_timeout=2 * timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self._writer = connect(url, timeout_s, retries=0, reply_wait_s=2 * timeout_s)
         self._scripts = {
             name: self.client.register_script(source)
             for name, source in {

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol
 
 from prompt_store.prompt import SoftPrompt
 from prompt_store.records import TaskMetadata, TaskRecord
 
+LoadSource = Literal["redis", "disk"]
+
 
 class PromptStore(Protocol):
     """Versioned prompts per (tenant, task). Versions are immutable; only `active_version` moves."""
+
+    # Where the store's own answers come from; a traced answer from elsewhere is a fallback's (a mirror's).
+    primary: LoadSource
 
     def add_version(
         self,
@@ -23,9 +28,15 @@ class PromptStore(Protocol):
 
     def get_task(self, tenant: str, task_id: str) -> TaskRecord: ...
 
+    def get_task_traced(self, tenant: str, task_id: str) -> tuple[TaskRecord, LoadSource]:
+        """The record and where it came from (Redis, or a disk: the store's own, or Redis's mirror)."""
+        ...
+
     def list_tasks(self, tenant: str) -> list[TaskRecord]: ...
 
     def load_prompt(self, tenant: str, task_id: str, version: int) -> SoftPrompt: ...
+
+    def load_prompt_traced(self, tenant: str, task_id: str, version: int) -> tuple[SoftPrompt, LoadSource]: ...
 
     def activate(self, tenant: str, task_id: str, version: int) -> TaskRecord: ...
 

@@ -3,6 +3,6 @@
 import os
 
 # Before torch loads OpenMP: idle intra-op threads sleep instead of spinning, so on a CPU the model's
-# threads leave the cores to the HTTP event loop between parallel regions. Measured on 2 cores
-# (bench/server_vs_raw): the server went from 0.75 to 0.95 of the raw model's throughput.
+# threads leave the cores to the HTTP event loop between parallel regions. It only takes effect if it is set
+# before torch is first imported (bench/server_vs_raw records the policy each side ran under).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

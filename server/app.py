@@ -14,18 +14,25 @@ import uvicorn
 from fastapi import FastAPI
 
 from server.api import api_router
-from server.api.errors import install_error_handlers
-from server.connections import ConnectionLimits, GuardedH11Protocol
-from server.middleware import BodySizeLimit, RequestMetrics, StrictJSONBody
-from server.model import FrozenT5
-from server.runtime import Lifecycle
+from server.api.connections import ConnectionLimits, GuardedH11Protocol
+from server.api.docs import install_docs
+from server.api.errors import REJECTION_REASONS, install_error_handlers
+from server.api.middleware import BodySizeLimit, RequestMetrics, StrictJSONBody
+from server.components import Lifecycle
+from server.jobs.records import JOB_STATES
+from server.metrics import KnownLabels, ServerMetrics
+from server.registry.registry import PROMPT_SOURCES
+from server.serving.model import FrozenT5
 from server.settings import Settings
+
+# Every labelled metric's series exist at 0 from the start (dashboards and alerts see 0, not "no data").
+KNOWN_LABELS = KnownLabels(rejection_reasons=REJECTION_REASONS, prompt_sources=PROMPT_SOURCES, job_states=JOB_STATES)
 
 
 def create_app(settings: Settings | None = None, model: FrozenT5 | None = None) -> FastAPI:
     """`model` lets a caller share one loaded model between apps (tests, benchmarks)."""
     settings = settings or Settings()
-    lifecycle = Lifecycle(settings)
+    lifecycle = Lifecycle(settings, metrics=ServerMetrics(KNOWN_LABELS))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -41,11 +48,14 @@ def create_app(settings: Settings | None = None, model: FrozenT5 | None = None) 
         version="0.1.0",
         summary="Many soft prompts over one frozen T5, batched across tasks",
         lifespan=lifespan,
+        docs_url=None,  # `install_docs` serves both pages with local assets
+        redoc_url=None,
     )
     lifecycle.api_keys.check()  # an unusable keys file stops start-up (fail closed)
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
     app.include_router(api_router)
+    install_docs(app)
     app.add_middleware(StrictJSONBody)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=lifecycle.metrics)
@@ -64,8 +74,13 @@ class DrainingServer(uvicorn.Server):
         self.lifecycle = lifecycle
         self.drain_delay_s = drain_delay_s
 
+    async def on_tick(self, counter: int) -> bool:
+        """A failed start-up stops the server (`serve` then raises): a process that will never serve must not
+        keep answering `/health` with 200."""
+        return self.lifecycle.phase == "failed" or await super().on_tick(counter)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.lifecycle.phase == "draining":  # a second signal: stop now
+        if self.lifecycle.phase in ("draining", "failed"):  # a second signal, or nothing to drain: stop now
             super().handle_exit(sig, frame)
             return
         log.info("draining: /ready answers 503; closing in %.1f s", self.drain_delay_s)
@@ -73,17 +88,26 @@ class DrainingServer(uvicorn.Server):
         threading.Timer(self.drain_delay_s, super().handle_exit, (sig, frame)).start()
 
 
+class StartupFailed(Exception):
+    """The server stopped because it could not start (the model did not load, ...); the message says why."""
+
+
 def serve(settings: Settings) -> None:
-    """Raises `KeysFileError` before anything starts when the API keys file is unusable."""
+    """Raises `KeysFileError` before anything starts when the API keys file is unusable, and `StartupFailed`
+    once the server has stopped when its components could not start (it answers `/health` while they load)."""
     app = create_app(settings)
+    connection_limits = ConnectionLimits(settings.max_connections, settings.header_timeout_s, settings.body_timeout_s)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level="info",
-        http=functools.partial(GuardedH11Protocol, limits=ConnectionLimits.of(settings)),  # type: ignore[arg-type]
+        http=functools.partial(GuardedH11Protocol, limits=connection_limits),  # type: ignore[arg-type]
         ws="none",
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
         timeout_graceful_shutdown=settings.drain_timeout_s,
     )
-    DrainingServer(config, app.state.lifecycle, settings.drain_delay_s).run()
+    lifecycle: Lifecycle = app.state.lifecycle
+    DrainingServer(config, lifecycle, settings.drain_delay_s).run()
+    if lifecycle.phase == "failed":
+        raise StartupFailed(lifecycle.reason)

@@ -1,4 +1,11 @@
-"""`softserve` command line. `serve` flags are the settings fields (`--max-batch-size` = `max_batch_size`)."""
+"""`softserve` command line.
+
+`serve`, `worker` and `keys` flags are the settings fields (`--max-batch-size` = `max_batch_size`); flags win
+over `SOFTSERVE_*` variables, which win over a `.env` file in the working directory. `prompts`, `train` and
+`jobs` talk to a running server: `--url` / `--api-key` (before or after the subcommand), else `SOFTSERVE_URL` /
+`SOFTSERVE_API_KEY` (environment or `.env`). Every failure a user can cause ends in one `error: ...` line on
+stderr and a non-zero exit, never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +17,29 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.settings import Settings
 
 if TYPE_CHECKING:
-    from server.auth import ApiKeys
+    from server.client import SoftserveClient
+    from server.tenancy.keys import ApiKeys
+
+DOTENV = ".env"
+EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+
+
+class CommandError(Exception):
+    """A failure the user can act on: `main` prints it as one `error: ...` line and exits with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -25,34 +49,48 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def describe_setting_error(error: Any) -> str:
+    """One pydantic error as the flag and variable a user typed: `--port (SOFTSERVE_PORT) 'x': Input should..`."""
+    if not error["loc"]:  # a check across fields
+        return str(error["msg"])
+    name = str(error["loc"][0])
+    return f"--{name.replace('_', '-')} (SOFTSERVE_{name.upper()}) {error['input']!r}: {error['msg']}"
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
-    """Flags given on the command line win over `SOFTSERVE_*` variables, which win over defaults."""
+    """Flags given on the command line win over `SOFTSERVE_*` variables, then `.env`, then defaults."""
     overrides: dict[str, Any] = {
         name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None
     }
-    return Settings(**overrides)
+    try:
+        return Settings(_env_file=DOTENV, **overrides)
+    except ValidationError as error:
+        problems = "; ".join(describe_setting_error(problem) for problem in error.errors())
+        raise CommandError(f"invalid setting: {problems}", EXIT_USAGE) from None
 
 
 def serve(args: argparse.Namespace) -> None:
+    from server.app import StartupFailed
     from server.app import serve as run_server
-    from server.auth import KeysFileError
+    from server.tenancy.keys import KeysFileError
 
+    settings = settings_from(args)
     try:
-        run_server(settings_from(args))
+        run_server(settings)
     except KeysFileError as error:  # fail closed, with one line an operator can act on
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        raise CommandError(str(error), EXIT_USAGE) from None
+    except StartupFailed as error:
+        raise CommandError(str(error)) from None
 
 
 def keys(args: argparse.Namespace) -> None:
-    from server.auth import ApiKeys, KeysFileError
+    from server.tenancy.keys import ApiKeys, KeysFileError
 
     api_keys = ApiKeys(settings_from(args).keys_file)
     try:
         _keys_command(api_keys, args)
     except (KeysFileError, ValueError) as error:  # a corrupt file, an unknown or ambiguous id, a bad name
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        raise CommandError(str(error)) from None
 
 
 def _keys_command(api_keys: ApiKeys, args: argparse.Namespace) -> None:
@@ -73,43 +111,86 @@ def _keys_command(api_keys: ApiKeys, args: argparse.Namespace) -> None:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from server.jobs.worker import run_worker
+    from server.serving.load_errors import ModelLoadError
+    from server.worker import run_worker
 
-    run_worker(settings_from(args))
+    try:
+        run_worker(settings_from(args))
+    except ModelLoadError as error:
+        raise CommandError(str(error)) from None
 
 
-def run_client_command(args: argparse.Namespace, call: Callable[[Any, argparse.Namespace], Any]) -> Any:
-    """Runs `call(client, args)` against `--url`; prints its result as JSON (errors: exit 1)."""
+class ClientTarget(BaseSettings):
+    """Where the client commands send requests when `--url` / `--api-key` are not given."""
+
+    model_config = SettingsConfigDict(env_prefix="SOFTSERVE_", extra="ignore")
+
+    url: str = "http://127.0.0.1:8000"
+    api_key: str | None = None
+
+
+def client_target(args: argparse.Namespace) -> ClientTarget:
+    given = {name: getattr(args, name) for name in ("url", "api_key") if getattr(args, name, None) is not None}
+    return ClientTarget(_env_file=DOTENV, **given)
+
+
+def run_client_command(args: argparse.Namespace, call: Callable[[SoftserveClient, argparse.Namespace], Any]) -> Any:
+    """Runs `call(client, args)` against the server; prints its result (JSON, or a bare string such as a job id)."""
+    import httpx
+
     from server.client import SoftserveClient, SoftserveError
 
-    with SoftserveClient(args.url, args.api_key) as client:
+    target = client_target(args)
+    with SoftserveClient(target.url, target.api_key) as client:
         try:
             result = call(client, args)
         except SoftserveError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(1)
+            raise CommandError(str(error)) from None
+        except httpx.TransportError as error:
+            reason = str(error) or type(error).__name__
+            raise CommandError(
+                f"no answer from {target.url} ({reason}): is `softserve serve` running there? "
+                "Point --url or SOFTSERVE_URL at it"
+            ) from None
+        except OSError as error:
+            if error.filename is None:  # not a file the user named (a closed pipe, a socket): not ours to explain
+                raise
+            raise CommandError(f"cannot open {error.filename}: {error.strerror}") from None
     if result is not None:
-        print(json.dumps(result, indent=2))
+        print(result if isinstance(result, str) else json.dumps(result, indent=2))
     return result
+
+
+def json_flag(flag: str, text: str | None) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except ValueError as error:
+        raise CommandError(f"{flag} is not valid JSON ({error})", EXIT_USAGE) from None
+
+
+def upload_metadata(args: argparse.Namespace) -> dict[str, Any] | None:
+    metadata = json_flag("--metadata", args.metadata) or {}
+    if not isinstance(metadata, dict):
+        raise CommandError("--metadata must be a JSON object", EXIT_USAGE)
+    if args.labels:
+        metadata["labels"] = args.labels.split(",")
+    if args.no_activate:
+        metadata["activate"] = False
+    return metadata or None
 
 
 def prompts(args: argparse.Namespace) -> None:
     run_client_command(args, _prompts_call)
 
 
-def _prompts_call(client: Any, args: argparse.Namespace) -> Any:
+def _prompts_call(client: SoftserveClient, args: argparse.Namespace) -> Any:
     command = args.prompts_command
     if command == "list":
         return client.list_prompts()
     if command == "show":
         return client.get_prompt(args.task_id)
     if command == "upload":
-        metadata = json.loads(args.metadata) if args.metadata else {}
-        if args.labels:
-            metadata["labels"] = args.labels.split(",")
-        if args.no_activate:
-            metadata["activate"] = False
-        return client.upload_prompt(args.task_id, Path(args.file), metadata or None)
+        return client.upload_prompt(args.task_id, Path(args.file), upload_metadata(args))
     if command == "download":
         data = client.download_prompt(args.task_id, args.version, args.format)
         Path(args.output).write_bytes(data)
@@ -131,7 +212,7 @@ def describe_progress(progress: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def follow_job(client: Any, job_id: str, poll_s: float) -> dict[str, Any]:
+def follow_job(client: SoftserveClient, job_id: str, poll_s: float) -> dict[str, Any]:
     """Polls the job until it ends, drawing a progress bar (step/total, loss, eval) on stderr."""
     from tqdm import tqdm
 
@@ -147,36 +228,29 @@ def follow_job(client: Any, job_id: str, poll_s: float) -> dict[str, Any]:
             time.sleep(poll_s)
 
 
-def _train_call(client: Any, args: argparse.Namespace) -> dict[str, Any]:
-    try:
-        config = json.loads(args.config) if args.config else None
-    except ValueError:
-        print("error: --config is not valid JSON", file=sys.stderr)
-        sys.exit(2)
-    missing = [path for path in (args.train, args.eval) if path and not Path(path).is_file()]
-    if missing:
-        print(f"error: no such file: {missing[0]}", file=sys.stderr)
-        sys.exit(2)
+def _train_call(client: SoftserveClient, args: argparse.Namespace) -> dict[str, Any] | str:
+    config = json_flag("--config", args.config)
     accepted = client.submit_training_job(
         args.task_id, Path(args.train), Path(args.eval) if args.eval else None, config, not args.no_activate
     )
+    job_id: str = accepted["job_id"]
     if args.no_follow:
-        return accepted
+        return job_id  # printed bare, so that `job=$(softserve train ... --no-follow)` works
     try:
-        return follow_job(client, accepted["job_id"], args.poll)
+        return follow_job(client, job_id, args.poll)
     except KeyboardInterrupt:
-        job_id = accepted["job_id"]
         print(f"\njob {job_id} keeps running; `softserve jobs cancel {job_id}` cancels it", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def train(args: argparse.Namespace) -> None:
     job = run_client_command(args, _train_call)
-    if job.get("state") in ("failed", "cancelled"):
-        sys.exit(1)
+    if isinstance(job, dict) and job.get("state") in ("failed", "cancelled"):
+        reason = f": {job['error']}" if job.get("error") else ""
+        raise CommandError(f"job {job['job_id']} {job['state']}{reason}")
 
 
-def _jobs_call(client: Any, args: argparse.Namespace) -> Any:
+def _jobs_call(client: SoftserveClient, args: argparse.Namespace) -> Any:
     if args.jobs_command == "list":
         return client.list_jobs()
     if args.jobs_command == "show":
@@ -188,40 +262,48 @@ def jobs(args: argparse.Namespace) -> None:
     run_client_command(args, _jobs_call)
 
 
-def add_client_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("SOFTSERVE_URL", "http://127.0.0.1:8000"))
-    parser.add_argument("--api-key", default=os.environ.get("SOFTSERVE_API_KEY"))
+def client_flags() -> argparse.ArgumentParser:
+    """`--url` / `--api-key` for every client command and subcommand. SUPPRESS keeps a subcommand that was not
+    given them from overwriting what its parent command was given (`prompts --url X list`)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument(
+        "--url", default=argparse.SUPPRESS, help="the server (default: SOFTSERVE_URL, else http://127.0.0.1:8000)"
+    )
+    flags.add_argument("--api-key", default=argparse.SUPPRESS, help="an API key (default: SOFTSERVE_API_KEY)")
+    return flags
 
 
-def add_prompts_parser(commands: Any) -> None:
-    parser = commands.add_parser("prompts", help="manage the prompt registry of a running server")
-    add_client_flags(parser)
+def add_prompts_parser(commands: Any, flags: argparse.ArgumentParser) -> None:
+    parser = commands.add_parser("prompts", parents=[flags], help="manage the prompt registry of a running server")
     sub = parser.add_subparsers(dest="prompts_command", required=True)
-    sub.add_parser("list", help="list tasks")
-    show = sub.add_parser("show", help="a task's metadata and versions")
+    sub.add_parser("list", parents=[flags], help="list tasks")
+    show = sub.add_parser("show", parents=[flags], help="a task's metadata and versions")
     show.add_argument("task_id")
-    upload = sub.add_parser("upload", help="upload a prompt file as a new version")
+    upload = sub.add_parser("upload", parents=[flags], help="upload a prompt file as a new version")
     upload.add_argument("task_id")
     upload.add_argument("file", help="safetensors, .npy, or a PEFT adapter zip/tar")
     upload.add_argument("--labels", help="comma-separated labels for /v1/classify")
     upload.add_argument("--metadata", help="JSON metadata (description, input_template, parameters, ...)")
     upload.add_argument("--no-activate", action="store_true", help="keep the current active version")
-    download = sub.add_parser("download", help="download a version")
+    download = sub.add_parser("download", parents=[flags], help="download a version")
     download.add_argument("task_id")
     download.add_argument("version", type=int)
     download.add_argument("--format", default="safetensors", choices=["safetensors", "npy", "peft"])
     download.add_argument("-o", "--output", required=True)
-    activate = sub.add_parser("activate", help="make a version the served one (rollback / roll forward)")
+    activate = sub.add_parser(
+        "activate", parents=[flags], help="make a version the served one (rollback / roll forward)"
+    )
     activate.add_argument("task_id")
     activate.add_argument("version", type=int)
-    delete = sub.add_parser("delete", help="delete a task and all its versions")
+    delete = sub.add_parser("delete", parents=[flags], help="delete a task and all its versions")
     delete.add_argument("task_id")
     parser.set_defaults(func=prompts)
 
 
-def add_training_parsers(commands: Any) -> None:
-    train_parser = commands.add_parser("train", help="train a prompt for TASK_ID on a running server and follow it")
-    add_client_flags(train_parser)
+def add_training_parsers(commands: Any, flags: argparse.ArgumentParser) -> None:
+    train_parser = commands.add_parser(
+        "train", parents=[flags], help="train a prompt for TASK_ID on a running server and follow it"
+    )
     train_parser.add_argument("task_id")
     train_parser.add_argument("--train", required=True, help='JSONL: one {"input": ..., "target": ...} per line')
     train_parser.add_argument("--eval", help="JSONL eval set (early stopping keeps the best prompt on it)")
@@ -231,12 +313,11 @@ def add_training_parsers(commands: Any) -> None:
     train_parser.add_argument("--poll", type=float, default=1.0, help="seconds between progress reads")
     train_parser.set_defaults(func=train)
 
-    jobs_parser = commands.add_parser("jobs", help="training jobs of a running server")
-    add_client_flags(jobs_parser)
+    jobs_parser = commands.add_parser("jobs", parents=[flags], help="training jobs of a running server")
     sub = jobs_parser.add_subparsers(dest="jobs_command", required=True)
-    sub.add_parser("list", help="this tenant's jobs, newest first")
+    sub.add_parser("list", parents=[flags], help="this tenant's jobs, newest first")
     for name, text in (("show", "a job's state, progress and history"), ("cancel", "cancel a queued or running job")):
-        sub.add_parser(name, help=text).add_argument("job_id")
+        sub.add_parser(name, parents=[flags], help=text).add_argument("job_id")
     jobs_parser.set_defaults(func=jobs)
 
 
@@ -250,15 +331,13 @@ def bench(args: argparse.Namespace) -> None:
     script = BENCH_DIR / f"{args.name}.py"
     if not script.is_file():
         available = sorted(p.stem for p in BENCH_DIR.glob("*.py") if p.stem != "common") if BENCH_DIR.is_dir() else []
-        print(f"error: no benchmark {args.name!r} in {BENCH_DIR}; available: {', '.join(available) or 'none'}")
-        sys.exit(2)
+        raise CommandError(
+            f"no benchmark {args.name!r} in {BENCH_DIR}; available: {', '.join(available) or 'none'}", EXIT_USAGE
+        )
     sys.exit(subprocess.call([sys.executable, str(script), *args.bench_args]))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="softserve", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def add_server_parsers(commands: Any) -> None:
     serve_parser = commands.add_parser("serve", help="run the HTTP server")
     add_settings_flags(serve_parser)
     serve_parser.set_defaults(func=serve)
@@ -283,6 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keys_parser.set_defaults(func=keys)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="softserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_server_parsers(commands)
+
     bench_parser = commands.add_parser(
         "bench", help="run a benchmark of bench/ (e.g. `softserve bench overload --quick`)"
     )
@@ -290,15 +377,38 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to the script")
     bench_parser.set_defaults(func=bench)
 
-    add_prompts_parser(commands)
-    add_training_parsers(commands)
+    flags = client_flags()
+    add_prompts_parser(commands, flags)
+    add_training_parsers(commands, flags)
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: noise in a client command, and it tears `softserve train`'s progress bar.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def leave_quietly_on_closed_stdout() -> NoReturn:
+    """`softserve ... | head`: the reader left. Python would flush stdout again at exit and print a second
+    error, so stdout is pointed at /dev/null first; the exit status says what happened, as a shell's does."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(EXIT_BROKEN_PIPE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    configure_logging()
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+        sys.stdout.flush()  # a closed pipe shows up here, where it can be handled, not at interpreter exit
+    except CommandError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except BrokenPipeError:
+        leave_quietly_on_closed_stdout()
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

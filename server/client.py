@@ -17,11 +17,13 @@ import httpx
 Examples = Union[list[dict[str, str]], bytes, str, Path]  # noqa: UP007 (a runtime alias on Python 3.10)
 
 
+def _file_bytes(file: bytes | str | Path) -> bytes:
+    return file if isinstance(file, bytes) else Path(file).read_bytes()
+
+
 def _jsonl(examples: Examples) -> bytes:
-    if isinstance(examples, bytes):
-        return examples
-    if isinstance(examples, (str, Path)):
-        return Path(examples).read_bytes()
+    if isinstance(examples, (bytes, str, Path)):
+        return _file_bytes(examples)
     return "".join(json.dumps(example) + "\n" for example in examples).encode()
 
 
@@ -149,8 +151,7 @@ class SoftserveClient:
         return self._send(self._calls.classify(task_id, inputs, labels, length_normalize))
 
     def upload_prompt(self, task_id: str, file: bytes | str | Path, metadata: dict[str, Any] | None = None) -> dict:
-        data = file if isinstance(file, bytes) else Path(file).read_bytes()
-        return self._send(self._calls.upload_prompt(task_id, data, metadata))
+        return self._send(self._calls.upload_prompt(task_id, _file_bytes(file), metadata))
 
     def list_prompts(self) -> list[dict]:
         return self._send(self._calls.list_prompts())["prompts"]
@@ -218,8 +219,10 @@ class AsyncSoftserveClient:
     ) -> dict:
         return await self._send(self._calls.classify(task_id, inputs, labels, length_normalize))
 
-    async def upload_prompt(self, task_id: str, data: bytes, metadata: dict[str, Any] | None = None) -> dict:
-        return await self._send(self._calls.upload_prompt(task_id, data, metadata))
+    async def upload_prompt(
+        self, task_id: str, file: bytes | str | Path, metadata: dict[str, Any] | None = None
+    ) -> dict:
+        return await self._send(self._calls.upload_prompt(task_id, _file_bytes(file), metadata))
 
     async def list_prompts(self) -> list[dict]:
         return (await self._send(self._calls.list_prompts()))["prompts"]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from prompt_store.errors import RetryLater
+
 
 class ServingError(Exception):
     """Base class: the message is written for the client."""
@@ -11,23 +15,26 @@ class InvalidInput(ServingError):
     """A field is well-formed JSON but not acceptable (too long, over a cap, no labels...)."""
 
 
+class InvalidRequest(ServingError):
+    """A body that does not fit its schema, parsed by a service rather than by FastAPI: `problems` as pydantic
+    lists them (location, message), so the API answers it as it answers FastAPI's own request validation."""
+
+    def __init__(self, problems: list[Any]) -> None:
+        super().__init__("; ".join(str(problem.get("msg", "invalid")) for problem in problems))
+        self.problems = problems
+
+
 class NonFiniteScores(InvalidInput):
     """The model's scores for one row are not finite (inf/nan), so it cannot be sampled or ranked: that row fails
     (422, retrying cannot help) and the rows that shared its model call are served as usual."""
 
 
-class Overloaded(ServingError):
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+class Overloaded(ServingError, RetryLater):
+    """No room for the work now (a full queue, device memory)."""
 
 
-class NotReady(ServingError):
+class NotReady(ServingError, RetryLater):
     """The server is starting, draining or otherwise unable to serve."""
-
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(ServingError):
@@ -54,9 +61,5 @@ class ClientDisconnected(ServingError):
     """The client went away; its rows are dropped and no response is sent."""
 
 
-class RateLimited(ServingError):
+class RateLimited(ServingError, RetryLater):
     """A tenant is over its rate limit or quota (429 with Retry-After)."""
-
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s

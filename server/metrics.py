@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -12,10 +15,33 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 disable_created_metrics()
 
 
+@dataclass(frozen=True)
+class KnownLabels:
+    """The values each labelled metric is known to take; their series exist, at 0, from the start.
+
+    A series that was never incremented is not exported at all, and to a dashboard or an alert rule that is
+    "no data", not 0: a rejections panel stays blank and a `rate(...) > x` alert cannot even evaluate until
+    the first event. The composition root fills this from the code's own constants (the error table,
+    `JobState`, the registry's load sources), so the values cannot drift from what is counted.
+    """
+
+    rejection_reasons: tuple[str, ...] = ()
+    prompt_sources: tuple[str, ...] = ()
+    job_states: tuple[str, ...] = ()
+
+
+def zero_series(counter: Counter, label_values: Iterable[str]) -> Counter:
+    """Makes the series of each value of the counter's one label now, at 0."""
+    for value in label_values:
+        counter.labels(value)
+    return counter
+
+
 class ServerMetrics:
     """Every metric of one server instance, on a registry of its own (tests run several apps)."""
 
-    def __init__(self) -> None:
+    def __init__(self, known: KnownLabels | None = None) -> None:
+        known = known or KnownLabels()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -45,8 +71,9 @@ class ServerMetrics:
             "softserve_batch_tasks", "Distinct tasks per batch", buckets=BATCH_BUCKETS, registry=r
         )
         self.queue_depth_rows = Gauge("softserve_queue_depth", "Rows waiting in the batcher queue", registry=r)
-        self.rejections = Counter(
-            "softserve_rejections_total", "Requests refused before inference, by reason", ["reason"], registry=r
+        self.rejections = zero_series(
+            Counter("softserve_rejections_total", "Requests refused, by reason (error code)", ["reason"], registry=r),
+            known.rejection_reasons,
         )
         self.dropped_rows = Counter(
             "softserve_dropped_rows_total",
@@ -61,13 +88,16 @@ class ServerMetrics:
         )
         self.cache_bytes = Gauge("softserve_prompt_cache_bytes", "Bytes of prompts on the device", registry=r)
         self.cache_prompts = Gauge("softserve_prompt_cache_prompts", "Prompts on the device", registry=r)
-        self.prompt_loads = Counter(
-            "softserve_prompt_loads_total",
-            "Prompts resolved for requests, by where they came from: cache (device), redis, disk",
-            ["source"],
-            registry=r,
+        self.prompt_loads = zero_series(
+            Counter(
+                "softserve_prompt_loads_total",
+                "Prompts resolved for requests, by where they came from: cache (device), redis, disk",
+                ["source"],
+                registry=r,
+            ),
+            known.prompt_sources,
         )
-        self.training = TrainingMetrics(r)
+        self.training = TrainingMetrics(r, known.job_states)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -78,13 +108,16 @@ class TrainingMetrics:
     trains (running, succeeded, failed, requeued). With the in-process worker that is one registry (the
     API's `/metrics`); `softserve worker` processes serve their own (`--worker-metrics-port`)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, job_states: Iterable[str] = ()) -> None:
         self.registry = r = registry or CollectorRegistry()
-        self.jobs = Counter(
-            "softserve_training_jobs_total",
-            "Training job state changes made by this process, by the state entered",
-            ["state"],
-            registry=r,
+        self.jobs = zero_series(
+            Counter(
+                "softserve_training_jobs_total",
+                "Training job state changes made by this process, by the state entered",
+                ["state"],
+                registry=r,
+            ),
+            job_states,
         )
         self.steps = Counter("softserve_training_steps_total", "Optimizer steps run by this process", registry=r)
         self.step_duration = Histogram(

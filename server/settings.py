@@ -1,4 +1,7 @@
-"""The one settings object: `SOFTSERVE_*` env vars and `softserve serve` flags are the same fields."""
+"""The one settings object: `SOFTSERVE_*` env vars and `softserve serve` flags are the same fields.
+
+The CLI also reads a `.env` file in the working directory (`Settings(_env_file=".env")`); library and test
+code build `Settings()` from the environment only, so a developer's `.env` never changes a test."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -128,6 +131,23 @@ class Settings(BaseSettings):
     )
     worker_metrics_port: int = Field(0, ge=0, description="`softserve worker` serves `/metrics` on this port (0: off)")
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[Any, ...]:
+        """A `.env` is shared with other tools (docker compose, the CLI's `SOFTSERVE_URL`): only this object's
+        fields are taken from it, as from the environment, instead of refusing every other name."""
+
+        def dotenv_fields() -> dict[str, Any]:
+            return {name: value for name, value in dotenv_settings().items() if name in cls.model_fields}
+
+        return init_settings, env_settings, dotenv_fields, file_secret_settings
+
     @field_validator("preload_tasks", mode="before")
     @classmethod
     def _split_tasks(cls, value: Any) -> Any:
@@ -159,7 +179,10 @@ def settings_table() -> str:
 
 def env_example() -> str:
     """`.env.example`: every setting with its default and meaning (a test keeps it current)."""
-    lines = ["# softserve settings: every variable is also a `softserve serve` / `softserve worker` flag."]
+    lines = [
+        "# softserve settings: copy this file to `.env` (read by `softserve serve`, `worker` and `keys` in the working",
+        "# directory; variables of the environment and flags win over it). Every variable is also a flag.",
+    ]
     for name, field in Settings.model_fields.items():
         default = _default_text(field)
         unset = "# " if default == "" else ""  # an empty value would not mean "unset"

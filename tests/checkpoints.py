@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import T5Config
 
-from server.tiny import build_tiny_t5, tiny_config
+from server.serving.tiny import build_tiny_t5, tiny_config
 
 
 def t5_small_config() -> T5Config:

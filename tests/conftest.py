@@ -7,7 +7,7 @@ import httpx
 import pytest
 import torch
 
-from server.model import FrozenT5
+from server.serving.model import FrozenT5
 from server.settings import Settings
 from tests.checkpoints import d768_config, save_checkpoint, t5_small_config
 from tests.serving import running_server

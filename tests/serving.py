@@ -16,7 +16,7 @@ import httpx
 import uvicorn
 
 from server.app import create_app
-from server.model import FrozenT5
+from server.serving.model import FrozenT5
 from server.settings import Settings
 
 
@@ -44,9 +44,11 @@ def running_server(settings: Settings, model: FrozenT5 | None = None, timeout_s:
         thread.join(timeout=30)
 
 
-def wait_ready(base_url: str, timeout_s: float) -> None:
+def wait_ready(base_url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server at {base_url} exited with {process.returncode} before it was ready")
         try:
             if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
                 return
@@ -65,7 +67,7 @@ def server_process(data_dir: Path, *flags: str, timeout_s: float = 120) -> Itera
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, timeout_s)
+        wait_ready(url, timeout_s, process)
         yield process, url
     finally:
         process.kill()

@@ -1,4 +1,4 @@
-"""MixedTaskBatcher without a model: batching limits, fairness, failures, cancellation."""
+"""TenantFairBatcher without a model: batching limits, fairness, failures, cancellation."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from server.batcher import MixedTaskBatcher
 from server.errors import InferenceFailed, Overloaded
+from server.serving.batcher import TenantFairBatcher
 
 
 class Recorder:
@@ -27,13 +27,13 @@ class Recorder:
         return [ValueError("bad row") if p < 0 else p * 2 for p in payloads]
 
 
-def make(recorder: Recorder, **limits: float) -> MixedTaskBatcher[int]:
+def make(recorder: Recorder, **limits: float) -> TenantFairBatcher[int, int]:
     options = {"max_batch_size": 4, "max_batch_tokens": 1000, "max_wait_ms": 20, "max_queue_size": 100}
     options.update(limits)
-    return MixedTaskBatcher(recorder, **options)  # type: ignore[arg-type]
+    return TenantFairBatcher(recorder, **options)  # type: ignore[arg-type]
 
 
-async def started(batcher: MixedTaskBatcher[int]) -> MixedTaskBatcher[int]:
+async def started(batcher: TenantFairBatcher[int, int]) -> TenantFairBatcher[int, int]:
     batcher.start()
     return batcher
 

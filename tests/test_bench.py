@@ -1,18 +1,26 @@
-"""Smoke runs of the benchmarks: each prints a markdown table and one JSON line with a positive ratio.
+"""Smoke runs of the benchmarks: each prints a markdown table and one JSON line with a positive ratio, and
+writes that line to its results file.
 
-The ratio's value is not asserted: these machines are shared and noisy.
+The ratio's value is not asserted: these machines are shared and noisy. The runs start without
+`OMP_WAIT_POLICY`, as from a plain shell: each side must report the OpenMP policy it would really have.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+RESULTS = BENCH / "results"
+README = BENCH.parent / "README.md"
+NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])")  # not the 5 of `t5-small`, the 50 of `p50`, the 2 of `2x`
 SCRIPTS = [
     "mixed_vs_single",
     "server_vs_raw",
@@ -25,13 +33,15 @@ SCRIPTS = [
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_benchmark_prints_a_table_and_one_json_result(name: str) -> None:
+def test_benchmark_prints_a_table_and_one_json_result(name: str, tmp_path: Path) -> None:
+    environment = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
     done = subprocess.run(
-        [sys.executable, str(BENCH / f"{name}.py"), "--quick"],
+        [sys.executable, str(BENCH / f"{name}.py"), "--quick", "--results-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=900,
         cwd=BENCH.parent,
+        env=environment,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     lines = [line for line in done.stdout.splitlines() if line.strip()]
@@ -44,3 +54,54 @@ def test_benchmark_prints_a_table_and_one_json_result(name: str) -> None:
     assert result["bench"] == name
     assert result["ratio"] > 0
     assert result["quick"] is True
+    assert (tmp_path / f"{name}.json").read_text() == json_lines[0] + "\n"
+    if name == "server_vs_raw":  # the server as `softserve serve` runs, the raw side as a plain script
+        assert (result["server_omp_wait_policy"], result["raw_omp_wait_policy"][:5]) == ("PASSIVE", "unset")
+    elif "omp_wait_policy" in result:  # softserve's own model calls, as the server makes them
+        assert result["omp_wait_policy"] == "PASSIVE"
+
+
+def test_a_quick_run_writes_no_result_unless_told_where(tmp_path: Path) -> None:
+    """Smoke numbers must not replace the committed results of real runs."""
+    before = {path: path.read_bytes() for path in RESULTS.glob("*.json")}
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "mixed_vs_single.py"), "--quick"], capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert {path: path.read_bytes() for path in RESULTS.glob("*.json")} == before
+
+
+def test_every_figure_in_the_readme_benchmark_table_comes_from_a_committed_result() -> None:
+    """Each number in a measured column equals, at the precision shown, a value of `bench/results/NAME*.json`."""
+    rows = benchmark_rows()
+    assert {name for name, _ in rows} == set(SCRIPTS)
+    for name, measured in rows:
+        values = [v for path in RESULTS.glob(f"{name}*.json") for v in numbers(json.loads(path.read_text()))]
+        for cell in measured:
+            for figure in NUMBER.findall(cell):
+                decimals = len(figure.partition(".")[2])
+                assert any(round(v, decimals) == float(figure) for v in values), f"{name}: {figure} is in no result"
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS.glob("*.json")), ids=lambda path: path.name)
+def test_a_committed_result_is_a_full_run_of_its_script(path: Path) -> None:
+    result = json.loads(path.read_text())
+    assert path.name.startswith(result["bench"])
+    assert result["command"].split()[:2] == ["python", f"bench/{result['bench']}.py"]
+    assert result["quick"] is False and "--quick" not in result["command"]
+
+
+def benchmark_rows() -> list[tuple[str, list[str]]]:
+    """(bench, its measured cells) of each row of the README's benchmark table."""
+    section = README.read_text().split("<!-- bench-table:start -->")[1].split("<!-- bench-table:end -->")[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| `")]
+    return [(cells[0].strip(" `"), cells[3:]) for cells in rows]  # bench, what, target, then measured columns
+
+
+def numbers(value: object) -> Iterator[float]:
+    """Every number in a JSON value, however deep."""
+    if isinstance(value, (dict, list)):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from numbers(item)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield float(value)

@@ -51,7 +51,7 @@ def test_serve_and_the_registry_cli(served: tuple[str, Path], tmp_path: Path) ->
     assert json.loads(uploaded.stdout)["version"] == 1
     run_cli("prompts", "--url", url, "upload", "sst2", str(tmp_path / "p.npy"), "--no-activate")
 
-    listed = json.loads(run_cli("prompts", "--url", url, "list").stdout)
+    listed = json.loads(run_cli("prompts", "list", "--url", url).stdout)  # the flags go before or after
     assert [(p["task_id"], p["active_version"], p["versions"]) for p in listed] == [("sst2", 1, [1, 2])]
 
     out = tmp_path / "down.npy"
@@ -106,7 +106,7 @@ def test_sync_and_async_clients(base_url: str) -> None:
 
 def test_bench_runs_a_benchmark_script_and_names_the_ones_there() -> None:
     missing = run_cli("bench", "no_such_bench")
-    assert missing.returncode == 2 and "mixed_vs_single" in missing.stdout
+    assert missing.returncode == 2 and "mixed_vs_single" in missing.stderr.strip().splitlines()[-1]
     done = subprocess.run([*SOFTSERVE, "bench", "hot_load", "--quick"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["bench"] == "hot_load"

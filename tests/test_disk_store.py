@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prompt_store import DiskStore, SoftPrompt, TaskMetadata, TaskNotFound, VersionNotFound
-from prompt_store.disk import write_atomically
+from prompt_store.atomic import write_atomically
 from tests.conftest import random_prompt
 
 D = 16

@@ -13,9 +13,9 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error, response_schema_conformance, status_code_conformance
 
-from server.auth import ApiKeys
-from server.model import FrozenT5
+from server.serving.model import FrozenT5
 from server.settings import Settings
+from server.tenancy.keys import ApiKeys
 from tests.serving import running_server
 
 

@@ -16,9 +16,9 @@ import httpx
 import numpy as np
 import pytest
 
-from server.auth import ApiKeys, KeyNotFound
-from server.model import FrozenT5
+from server.serving.model import FrozenT5
 from server.settings import Settings
+from server.tenancy.keys import ApiKeys, KeyNotFound
 from tests.serving import free_port, running_server
 
 ACT_AS = "X-Softserve-Tenant"

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from server.model import FrozenT5
+from server.serving.model import FrozenT5
 from server.settings import Settings
 from tests.serving import running_server, server_process
 

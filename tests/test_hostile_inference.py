@@ -18,7 +18,7 @@ import httpx
 import torch
 
 from prompt_store import DiskStore, SoftPrompt, TaskMetadata
-from server.model import Decoding, FrozenT5, Row
+from server.serving.model import Decoding, FrozenT5, Row
 from server.settings import Settings
 from tests.conftest import random_prompt
 from tests.serving import running_server

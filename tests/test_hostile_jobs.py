@@ -27,14 +27,15 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from server.auth import ApiKeys
+from server.jobs.reaper import Reaper
 from server.jobs.records import HistoryEntry, JobProgress, JobRecord, JobState
 from server.jobs.redis_store import RedisJobStore
-from server.jobs.rq_queue import Reaper, RQJobQueue
+from server.jobs.rq_queue import RQJobQueue
 from server.jobs.store import DiskJobStore
 from server.metrics import TrainingMetrics
-from server.model import FrozenT5
+from server.serving.model import FrozenT5
 from server.settings import Settings
+from server.tenancy.keys import ApiKeys
 from server.training import PromptTrainer, TrainingConfig, TrainingDiverged
 from tests.redis_server import RedisServer
 from tests.serving import running_server
@@ -204,7 +205,15 @@ def test_a_corrupt_job_record_in_redis_is_quarantined(
     ):
         first = submit(http, "t", steps=5)  # no worker: it stays queued, holding the tenant's one slot
         poison_redis_records(client, first, "c" * 32)
-        reaper = Reaper(RedisJobStore(client), RQJobQueue(client, settings), settings, TrainingMetrics())
+        queue = RQJobQueue(client, settings.redis_namespace, settings.training_job_timeout_s)
+        reaper = Reaper(
+            RedisJobStore(client),
+            queue,
+            TrainingMetrics(),
+            lease_s=settings.training_lease_s,
+            interval_s=settings.training_reaper_interval_s,
+            max_attempts=settings.training_max_attempts,
+        )
         assert reaper.sweep() == []  # no exception: the pass goes on, and would requeue any lost job
 
         second = submit(http, "t", steps=5)  # the quarantined job no longer holds the slot

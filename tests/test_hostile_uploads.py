@@ -24,11 +24,13 @@ import pytest
 import safetensors.torch
 
 from prompt_store import DiskStore, PromptFormat, dump_prompt
-from server.model import FrozenT5
-from server.prompt_service import PromptService
-from server.registry import PromptRegistry
-from server.schemas import UploadMetadata
+from server.components import serving_limits
+from server.registry.registry import PromptRegistry
+from server.registry.schemas import UploadMetadata
+from server.registry.service import PromptService
+from server.serving.model import FrozenT5
 from server.settings import Settings
+from server.tenancy.quotas import TaskQuota
 from tests.conftest import random_prompt
 from tests.serving import running_server
 from tests.test_prompt_api import (
@@ -276,7 +278,7 @@ def test_at_most_two_uploads_read_their_files_at_once(tiny: FrozenT5, tmp_path: 
 
     async def scenario() -> list[int]:
         registry = PromptRegistry(DiskStore(tmp_path / "prompts"), tiny.prompt_on_device, 2**20)
-        service = PromptService(tiny, registry, Settings(data_dir=tmp_path))
+        service = PromptService(tiny, registry, serving_limits(Settings()), TaskQuota(registry, 0))
         pipes = [os.pipe() for _ in range(3)]
         uploads = [
             asyncio.create_task(service.upload("t", f"task{i}", PipeFile(read, started), UploadMetadata()))

@@ -22,8 +22,8 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from prompt_store import DiskStore, RedisStore, SoftPrompt
-from server.model import FrozenT5
-from server.runtime import preload_task_keys
+from server.components import preload_task_keys
+from server.serving.model import FrozenT5
 from server.settings import Settings
 from tests.conftest import random_prompt
 from tests.redis_server import RedisServer

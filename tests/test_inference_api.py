@@ -10,7 +10,7 @@ import httpx
 import safetensors.torch
 import torch
 
-from server.model import Decoding, FrozenT5, Row
+from server.serving.model import Decoding, FrozenT5, Row
 from tests.conftest import random_prompt
 
 
@@ -137,4 +137,4 @@ def test_operations_endpoints(client: httpx.Client, tiny: FrozenT5) -> None:
     ):
         assert name in text, name
     label_names = set(re.findall(r'[{,]([a-z_]+)="', text))
-    assert label_names <= {"route", "status", "le", "reason", "source"}  # never a task, job or request id
+    assert label_names <= {"route", "status", "le", "reason", "source", "state"}  # never a task, job or request id

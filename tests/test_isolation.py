@@ -1,5 +1,5 @@
 """Tenant isolation: every route by every object kind. Cross-tenant access is 404, no key is 401,
-and nothing changes for the owner."""
+nothing changes for the owner, and a task id that two tenants share serves each tenant its own prompt."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import httpx
 import numpy as np
 import pytest
 
-from server.auth import ApiKeys
-from server.model import FrozenT5
+from server.serving.model import FrozenT5
 from server.settings import Settings
+from server.tenancy.keys import ApiKeys
 from tests.serving import running_server
+from tests.training import config, examples, wait_until_ended
 
 
 def prompt_file(seed: int) -> bytes:
@@ -53,12 +54,15 @@ OBJECT_ROUTES = [
     ("POST", "/v1/generate", {"json": {"task_id": "secret", "inputs": "x", "version": 1}}),
     ("POST", "/v1/classify", {"json": {"task_id": "secret", "inputs": "x"}}),
 ]
+JOB = {"task_id": "trained", "train": examples(4), "config": config(steps=1)}
 ALL_ROUTES = [
     *OBJECT_ROUTES,
     ("GET", "/v1/prompts", {}),
     ("PUT", "/v1/prompts/secret", {"files": {"file": ("p", prompt_file(9))}}),
     ("GET", "/v1/info", {}),
     ("GET", "/metrics", {}),
+    ("GET", "/v1/training-jobs", {}),
+    ("POST", "/v1/training-jobs", {"json": JOB}),
 ]
 
 
@@ -85,6 +89,63 @@ def test_no_key_or_a_bad_key_is_401(tenants, method: str, path: str, kwargs: dic
     forged = anonymous.request(method, path, headers={"Authorization": "Bearer ss-forged"}, **kwargs)
     assert forged.status_code == 401 and forged.json()["error"]["code"] == "unauthorized"
     assert snapshot(owner) == before
+
+
+@pytest.fixture
+def owner_job(tenants) -> str:
+    """A training job of the owner's, ended (its record no longer changes by itself)."""
+    owner = tenants[0]
+    response = owner.post("/v1/training-jobs", json=JOB)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
+    assert wait_until_ended(owner, job_id)["state"] == "succeeded"
+    return job_id
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+def test_a_training_job_answers_only_to_its_tenant(tenants, owner_job: str, method: str) -> None:
+    owner, other, _, anonymous = tenants
+    path = f"/v1/training-jobs/{owner_job}"
+    before = owner.get(path).json()
+    assert anonymous.request(method, path).status_code == 401
+    forged = anonymous.request(method, path, headers={"Authorization": "Bearer ss-forged"})
+    assert forged.status_code == 401 and forged.json()["error"]["code"] == "unauthorized"
+    response = other.request(method, path)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+    assert other.get("/v1/training-jobs").json()["jobs"] == []
+    assert owner.get(path).json() == before
+
+
+INPUTS = ["a gorgeous, witty film", "a dull mess"]
+LABELS = ["positive", "negative"]
+
+
+def outputs(client: httpx.Client) -> tuple[list[str], list[dict[str, float]]]:
+    """What task "secret" answers this caller: greedy texts, and label scores."""
+    body = {"task_id": "secret", "inputs": INPUTS}
+    generated = client.post("/v1/generate", json=body | {"parameters": {"max_new_tokens": 8}})
+    classified = client.post("/v1/classify", json=body | {"labels": LABELS})
+    assert generated.status_code == classified.status_code == 200, (generated.text, classified.text)
+    return [o["text"] for o in generated.json()["outputs"]], [o["scores"] for o in classified.json()["outputs"]]
+
+
+def test_the_same_task_id_serves_each_tenant_its_own_prompt(
+    tenants, tiny: FrozenT5, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Each tenant's answers equal those of a fresh server that holds only that tenant's prompt."""
+    owner, other, _, _ = tenants
+    assert other.put("/v1/prompts/secret", files={"file": ("p", prompt_file(5))}).status_code == 201
+    served = {1: outputs(owner), 5: outputs(other)}  # by the seed of the prompt each tenant has active
+    for seed, (texts, scores) in served.items():
+        with (
+            running_server(Settings(data_dir=tmp_path_factory.mktemp("fresh")), tiny) as url,
+            httpx.Client(base_url=url, timeout=30) as fresh,
+        ):
+            assert fresh.put("/v1/prompts/secret", files={"file": ("p", prompt_file(seed))}).status_code == 201
+            alone_texts, alone_scores = outputs(fresh)
+        assert texts == alone_texts
+        assert scores == [pytest.approx(s, abs=1e-4) for s in alone_scores]
+    assert served[1][1] != served[5][1]  # the two prompts answer differently, so the equalities above tell
 
 
 def test_uploads_with_the_same_task_id_stay_separate(tenants) -> None:

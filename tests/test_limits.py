@@ -10,11 +10,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from server.admission import TenantRateLimits
-from server.auth import ApiKeys
+from server.backend import RedisBackend
 from server.errors import RateLimited
-from server.model import FrozenT5
+from server.serving.model import FrozenT5
 from server.settings import Settings
+from server.tenancy.keys import ApiKeys
+from server.tenancy.rate_limits import TenantRateLimits
 from tests.redis_server import RedisServer
 from tests.serving import running_server
 
@@ -46,7 +47,8 @@ def test_request_rate_limit_is_per_tenant(tmp_path: Path, tiny: FrozenT5) -> Non
         assert all(int(r.headers["Retry-After"]) >= 1 for r in limited)
         assert limited[0].json()["error"]["code"] == "rate_limited"
         assert call(light).status_code == 200  # another tenant's budget is its own
-        assert 'softserve_rejections_total{reason="rate_limited"}' in httpx.get(f"{url}/metrics").text
+        counted = f'softserve_rejections_total{{reason="rate_limited"}} {float(len(limited))}'
+        assert counted in httpx.get(f"{url}/metrics").text  # the series exists from the start: its value counts
 
 
 def test_token_rate_limit_counts_input_tokens(tmp_path: Path, tiny: FrozenT5) -> None:
@@ -71,12 +73,12 @@ def test_task_quota(tmp_path: Path, tiny: FrozenT5) -> None:
         assert [p["task_id"] for p in httpx.get(f"{url}/v1/prompts").json()["prompts"]] == ["a", "b"]
 
 
-def test_replicas_share_rate_limits_through_redis(redis_server: RedisServer) -> None:
+def test_replicas_share_rate_limits_through_redis(redis_server: RedisServer, tmp_path: Path) -> None:
     """Two limiters (two API replicas) on one Redis draw from one per-tenant budget."""
 
     async def scenario() -> list[str]:
-        replica_a = TenantRateLimits(2, 0, redis_server.url)
-        replica_b = TenantRateLimits(2, 0, redis_server.url)
+        replica_a = TenantRateLimits(2, 0, RedisBackend(redis_server.url, "ns", 1.0, tmp_path, 60).rate_limit_storage())
+        replica_b = TenantRateLimits(2, 0, RedisBackend(redis_server.url, "ns", 1.0, tmp_path, 60).rate_limit_storage())
         outcomes = []
         for limiter in (replica_a, replica_b, replica_a):
             try:

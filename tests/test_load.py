@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from server.auth import ApiKeys
+from server.tenancy.keys import ApiKeys
 from tests.serving import server_process
 
 INPUTS = ["alpha beta", "gamma", "delta epsilon zeta", "eta"]
@@ -115,7 +115,16 @@ def test_a_flooding_tenant_does_not_starve_a_quiet_one(tmp_path: Path) -> None:
             flooding = False
             assert sum(f.result() for f in floods) > 4
 
-        def p99(values: list[float]) -> float:
-            return statistics.quantiles(values, n=100)[98]
+        median = statistics.median
+        summary = (
+            f"idle: median {median(idle):.3f}s, p90 {p90(idle):.3f}s; flood: {median(loaded):.3f}s, {p90(loaded):.3f}s"
+        )
+        assert median(loaded) <= 2 * median(idle), summary
+        assert p90(loaded) <= 2 * p90(idle), summary
 
-        assert p99(loaded) <= 2 * p99(idle), f"idle p99 {p99(idle):.3f}s, under flood {p99(loaded):.3f}s"
+
+def p90(values: list[float]) -> float:
+    """The 90th percentile, the highest one 40 samples support: it lies between the 36th and 37th smallest
+    (inclusive method), with 4 samples above it. A "p99" of 40 samples (`quantiles(n=100)[98]`, exclusive
+    method) sits at rank 40.6, past the largest sample: an extrapolation from the two largest, no statistic."""
+    return statistics.quantiles(values, n=10, method="inclusive")[8]

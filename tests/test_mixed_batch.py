@@ -1,11 +1,19 @@
-"""The core claim: a row's outputs in a mixed batch (many tasks, many prompt lengths) equal the row alone."""
+"""The core claim: a row's outputs in a mixed batch (many tasks, many prompt lengths) equal the row alone.
+
+"The row alone" is `transformers` called directly, not `FrozenT5`: `inputs_embeds` is the prompt followed by
+the embedded input (`</s>` included), with a mask of ones, in a batch of one. So the references share none
+of `FrozenT5`'s layout, encoding, decoding or scoring code, and a mistake there cannot hide on both sides.
+Exactness is an fp32 property (max abs diff <= 1e-4); bf16 is held to less (see `bench/gpu_check.py`).
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
-from server.model import Decoding, FrozenT5, Row
+from server.serving.batch_runner import BatchRunner, GenerateWork
+from server.serving.model import Decoding, FrozenT5, Row
 from tests.conftest import random_prompt
 
 INPUTS = [
@@ -17,12 +25,58 @@ INPUTS = [
     "translate: the quick brown fox jumps over the lazy dog",
 ]
 PROMPT_LENGTHS = [1, 5, 20, 7, 20, 13]  # 6 tasks, 5 different lengths
+TOLERANCE = 1e-4
 
 
 def mixed_rows(model: FrozenT5) -> list[Row]:
     ids = model.tokenize(INPUTS)
     prompts = [random_prompt(n, model.d_model, seed=task) for task, n in enumerate(PROMPT_LENGTHS)]
     return [Row(model.prompt_on_device(p), i) for p, i in zip(prompts, ids, strict=True)]
+
+
+class Alone:
+    """One row run alone through `transformers` directly: the reference every batched result must equal."""
+
+    def __init__(self, model: FrozenT5, row: Row) -> None:
+        self.hf = model.model
+        self.eos = self.hf.config.eos_token_id
+        ids = torch.tensor([row.input_ids], device=model.device)
+        self.embeds = torch.cat([row.prompt, self.hf.get_input_embeddings()(ids)[0]])[None]
+        self.mask = torch.ones(self.embeds.shape[:2], dtype=torch.long, device=model.device)
+        # ids the tokenizer cannot decode are never generated (a checkpoint's vocabulary is padded past it)
+        self.undecodable = list(range(len(model.tokenizer), self.hf.config.vocab_size)) or None
+
+    @torch.inference_mode()
+    def encoder_output(self) -> torch.Tensor:
+        return self.hf.encoder(inputs_embeds=self.embeds, attention_mask=self.mask).last_hidden_state[0]
+
+    @torch.inference_mode()
+    def first_step_logits(self) -> torch.Tensor:
+        start = torch.tensor([[self.hf.config.decoder_start_token_id]], device=self.embeds.device)
+        return self.hf(inputs_embeds=self.embeds, attention_mask=self.mask, decoder_input_ids=start).logits[0, 0]
+
+    @torch.inference_mode()
+    def generate(self, max_new_tokens: int, num_beams: int = 1) -> list[int]:
+        """`model.generate`'s tokens after the start token, up to and including `</s>`."""
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            eos_token_id=self.eos,
+            pad_token_id=self.hf.config.pad_token_id,
+            decoder_start_token_id=self.hf.config.decoder_start_token_id,
+            suppress_tokens=self.undecodable,
+        )
+        tokens = self.hf.generate(inputs_embeds=self.embeds, attention_mask=self.mask, generation_config=config)
+        tokens = tokens[0, 1:].tolist()
+        return tokens[: tokens.index(self.eos) + 1] if self.eos in tokens else tokens
+
+    @torch.inference_mode()
+    def score(self, label: list[int]) -> float:
+        """Summed log-probability of the label's tokens (`</s>` included), from a plain forward with `labels`."""
+        labels = torch.tensor([label], device=self.embeds.device)
+        logits = self.hf(inputs_embeds=self.embeds, attention_mask=self.mask, labels=labels).logits[0]
+        return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[0, :, None]).sum().item()
 
 
 @pytest.fixture(params=["tiny", "t5_small"])
@@ -35,28 +89,25 @@ def test_layout_puts_prompt_then_input_then_padding(tiny: FrozenT5) -> None:
     embeds, mask = tiny.layout(rows)
     assert mask.shape == (len(rows), max(r.num_tokens for r in rows))
     for i, row in enumerate(rows):
-        p, n = row.prompt.shape[0], row.num_tokens
+        n = row.num_tokens
         assert mask[i, :n].all() and not mask[i, n:].any()
-        assert torch.equal(embeds[i, :p], row.prompt)
-        expected = tiny.model.get_input_embeddings()(torch.tensor(row.input_ids))
-        assert torch.equal(embeds[i, p:n], expected)
+        assert torch.equal(embeds[i, :n], Alone(tiny, row).embeds[0])  # prompt, then the embedded input
 
 
 def test_encoder_output_of_each_row_equals_the_row_alone(model: FrozenT5) -> None:
     rows = mixed_rows(model)
     hidden, _ = model.encode(rows)
     for i, row in enumerate(rows):
-        alone, _ = model.encode([row])
-        diff = (hidden[i, : row.num_tokens] - alone[0]).abs().max().item()
-        assert diff <= 1e-4, f"row {i}: encoder differs by {diff}"
+        diff = (hidden[i, : row.num_tokens] - Alone(model, row).encoder_output()).abs().max().item()
+        assert diff <= TOLERANCE, f"row {i}: encoder differs by {diff}"
 
 
 def test_first_step_logits_of_each_row_equal_the_row_alone(model: FrozenT5) -> None:
     rows = mixed_rows(model)
     batched = model.first_step_logits(rows)
     for i, row in enumerate(rows):
-        diff = (batched[i] - model.first_step_logits([row])[0]).abs().max().item()
-        assert diff <= 1e-4, f"row {i}: logits differ by {diff}"
+        diff = (batched[i] - Alone(model, row).first_step_logits()).abs().max().item()
+        assert diff <= TOLERANCE, f"row {i}: logits differ by {diff}"
 
 
 def test_greedy_generations_equal_the_row_alone(model: FrozenT5) -> None:
@@ -64,9 +115,16 @@ def test_greedy_generations_equal_the_row_alone(model: FrozenT5) -> None:
     limits = [6, 3, 6, 1, 5, 6]  # per-row max_new_tokens in one call
     batched = model.generate(rows, Decoding(), limits)
     for i, row in enumerate(rows):
-        alone = model.generate([row], Decoding(), [limits[i]])[0]
-        assert batched[i] == alone, f"row {i}"
+        assert batched[i].token_ids == Alone(model, row).generate(limits[i]), f"row {i}"
         assert len(batched[i].token_ids) <= limits[i]
+    assert len({tuple(g.token_ids) for g in batched}) > 1  # the rows' prompts and inputs steer them apart
+
+
+def test_beam_rows_in_a_mixed_batch_equal_beam_search_on_the_row_alone(model: FrozenT5) -> None:
+    rows = mixed_rows(model)
+    batched = model.generate(rows, Decoding(num_beams=3), [6] * len(rows))
+    for i, row in enumerate(rows):
+        assert batched[i].token_ids == Alone(model, row).generate(6, num_beams=3), f"row {i}"
 
 
 def test_rank_scores_equal_the_row_alone(model: FrozenT5) -> None:
@@ -75,8 +133,37 @@ def test_rank_scores_equal_the_row_alone(model: FrozenT5) -> None:
     targets[2] = model.tokenize(["yes", "no"])  # label sets may differ per row
     batched = model.score(rows, targets)
     for i, row in enumerate(rows):
-        alone = model.score([row], [targets[i]])[0]
-        assert batched[i] == pytest.approx(alone, abs=1e-4)
+        for label, score in zip(targets[i], batched[i], strict=True):  # a sum of len(label) log-probabilities
+            assert score == pytest.approx(Alone(model, row).score(label), abs=TOLERANCE * len(label)), f"row {i}"
+
+
+def test_a_seeded_sampled_row_draws_the_same_tokens_whatever_shares_its_batch(model: FrozenT5) -> None:
+    """Through the batch runner, as the server runs batches: a seeded row's draws depend on its seed alone."""
+    rows = mixed_rows(model)
+    seeded = Decoding(do_sample=True, temperature=2.0, seed=7)
+    alone = model.generate([rows[0]], seeded, [8])[0]
+    assert alone != model.generate([rows[0]], Decoding(do_sample=True, temperature=2.0, seed=8), [8])[0]
+
+    def work(i: int, decoding: Decoding) -> GenerateWork:
+        return GenerateWork(rows[i], ("tenant", f"task-{i}"), decoding, 8)
+
+    unseeded = Decoding(do_sample=True, temperature=2.0)
+    batches = [  # the seeded row's place in the batch, and the batch
+        (0, [work(0, seeded)]),
+        (
+            0,
+            [
+                work(0, seeded),
+                work(1, Decoding()),
+                work(2, unseeded),
+                work(3, unseeded),
+                work(4, Decoding(num_beams=2)),
+            ],
+        ),
+        (2, [work(5, seeded), work(2, Decoding()), work(0, seeded), work(1, unseeded), work(3, seeded)]),
+    ]
+    runner = BatchRunner(model)
+    assert [runner(batch)[place] for place, batch in batches] == [alone] * len(batches)
 
 
 def test_generation_varies_with_input_and_prompt(tiny: FrozenT5) -> None:

@@ -21,9 +21,9 @@ import torch
 from peft import PeftModel, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 from transformers import PreTrainedTokenizerBase, T5ForConditionalGeneration
 
-from server.model import FrozenT5, Row
+from server.serving.model import FrozenT5, Row
+from server.serving.tiny import build_tiny_t5
 from server.settings import Settings
-from server.tiny import build_tiny_t5
 from tests.conftest import random_prompt
 from tests.serving import running_server
 

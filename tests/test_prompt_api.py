@@ -22,7 +22,7 @@ import safetensors.torch
 import torch
 
 from prompt_store import PromptFormat, dump_prompt, load_prompt_bytes
-from server.model import FrozenT5
+from server.serving.model import FrozenT5
 from server.settings import Settings
 from tests.conftest import REAL_PROMPTS, random_prompt
 from tests.serving import running_server

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from server.errors import Overloaded
-from server.model import Decoding, FrozenT5, Generation, Row
-from server.runner import BatchRunner, GenerateWork
+from server.serving.batch_runner import BatchRunner, GenerateWork
+from server.serving.model import Decoding, FrozenT5, Generation, Row
 from tests.conftest import random_prompt
 
 

@@ -13,8 +13,8 @@ import torch
 from pydantic import ValidationError
 from transformers.optimization import Adafactor
 
-from server.model import Decoding, FrozenT5, Row
-from server.tiny import build_tiny_t5
+from server.serving.model import Decoding, FrozenT5, Row
+from server.serving.tiny import build_tiny_t5
 from server.training import (
     ADAFACTOR_SETTINGS,
     PromptTrainer,

@@ -15,10 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
-from server.auth import ApiKeys
 from server.jobs.store import DiskJobStore
-from server.model import FrozenT5
+from server.serving.model import FrozenT5
 from server.settings import Settings
+from server.tenancy.keys import ApiKeys
 from server.training import TrainingCheckpoint
 from tests.serving import running_server, server_process
 from tests.training import (

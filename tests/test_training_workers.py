@@ -23,7 +23,7 @@ from rq import Queue
 from server.jobs.records import JobRecord, JobState
 from server.jobs.redis_store import RedisJobStore
 from server.jobs.rq_queue import queue_name
-from server.model import FrozenT5
+from server.serving.model import FrozenT5
 from server.settings import Settings
 from server.training import TrainingCheckpoint
 from tests.redis_server import RedisServer
@@ -190,7 +190,7 @@ def test_a_stopped_worker_checkpoints_its_job_and_hands_it_back(
         assert handed_back.state == JobState.QUEUED and (handed_back.attempt, handed_back.lost) == (2, 0)
         assert handed_back.checkpoint_step == handed_back.progress.step == checkpoint_step(redis_server, job_id)
         with redis_server.client() as client:
-            assert Queue(queue_name(Settings()), connection=client).get_job_ids() == [f"{job_id}-2"]
+            assert Queue(queue_name(Settings().redis_namespace), connection=client).get_job_ids() == [f"{job_id}-2"]
 
 
 def test_a_job_that_loses_its_last_allowed_worker_fails_with_the_reason(

@@ -1,4 +1,4 @@
-"""The HTTP API (api.md): routes, error mapping and dependencies. The only FastAPI-aware package."""
+"""The HTTP API (docs/api.md): routes, error mapping and dependencies. The only FastAPI-aware package."""
 
 from fastapi import APIRouter
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 from fastapi import Request
 
 from prompt_store import is_valid_task_id
-from server.auth import Caller
+from server.components import Components
 from server.errors import Forbidden, InvalidInput, NotReady
-from server.runtime import Runtime
+from server.tenancy.keys import Caller
 
 
-def runtime(request: Request) -> Runtime:
+def components(request: Request) -> Components:
     state = request.app.state.lifecycle
-    if state.runtime is None:
+    if state.components is None:
         raise NotReady(f"the server is not ready ({state.phase})")
-    return state.runtime
+    return state.components
 
 
 ACT_AS_HEADER = "x-softserve-tenant"

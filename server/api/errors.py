@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,6 +19,8 @@ from prompt_store import (
     UnsupportedFormat,
     VersionNotFound,
 )
+from prompt_store.errors import RetryLater
+from server.api.schemas import ErrorResponse
 from server.errors import (
     AuthUnavailable,
     ClientDisconnected,
@@ -25,13 +28,13 @@ from server.errors import (
     Forbidden,
     InferenceFailed,
     InvalidInput,
+    InvalidRequest,
     NotReady,
     Overloaded,
     RateLimited,
     Unauthorized,
 )
 from server.jobs.errors import InvalidDataset, JobConflict, JobNotFound, JobStoreUnavailable, TooManyJobs
-from server.schemas import ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -50,30 +53,39 @@ class BodyRefused(StarletteHTTPException):
         self.code = code
 
 
-# (exception type, HTTP status, error code, seconds for Retry-After or None)
-ERROR_TABLE: list[tuple[type[Exception], int, str, float | None]] = [
-    (TaskNotFound, 404, "not_found", None),
-    (VersionNotFound, 404, "not_found", None),
-    (InvalidPrompt, 422, "invalid_prompt", None),
-    (UnsupportedFormat, 415, "unsupported_format", None),
-    (StoreUnavailable, 503, "store_unavailable", 1.0),
-    (InvalidInput, 422, "invalid_input", None),
-    (Overloaded, 503, "overloaded", 1.0),
-    (RateLimited, 429, "rate_limited", 1.0),
-    (NotReady, 503, "not_ready", 1.0),
-    (DeadlineExceeded, 504, "deadline_exceeded", None),
-    (Unauthorized, 401, "unauthorized", None),
-    (Forbidden, 403, "forbidden", None),
-    (AuthUnavailable, 503, "auth_unavailable", None),
-    (BodyTooLarge, 413, "body_too_large", None),
-    (ClientDisconnected, 499, "client_closed_request", None),
-    (InferenceFailed, 500, "inference_failed", None),
-    (JobNotFound, 404, "not_found", None),
-    (JobConflict, 409, "conflict", None),
-    (InvalidDataset, 422, "invalid_dataset", None),
-    (TooManyJobs, 429, "too_many_jobs", 30.0),
-    (JobStoreUnavailable, 503, "store_unavailable", 1.0),
+# (exception type, HTTP status, error code)
+ERROR_STATUSES: list[tuple[type[Exception], int, str]] = [
+    (TaskNotFound, 404, "not_found"),
+    (VersionNotFound, 404, "not_found"),
+    (InvalidPrompt, 422, "invalid_prompt"),
+    (UnsupportedFormat, 415, "unsupported_format"),
+    (StoreUnavailable, 503, "store_unavailable"),
+    (InvalidInput, 422, "invalid_input"),
+    (Overloaded, 503, "overloaded"),
+    (RateLimited, 429, "rate_limited"),
+    (NotReady, 503, "not_ready"),
+    (DeadlineExceeded, 504, "deadline_exceeded"),
+    (Unauthorized, 401, "unauthorized"),
+    (Forbidden, 403, "forbidden"),
+    (AuthUnavailable, 503, "auth_unavailable"),
+    (BodyTooLarge, 413, "body_too_large"),
+    (ClientDisconnected, 499, "client_closed_request"),
+    (InferenceFailed, 500, "inference_failed"),
+    (JobNotFound, 404, "not_found"),
+    (JobConflict, 409, "conflict"),
+    (InvalidDataset, 422, "invalid_dataset"),
+    (TooManyJobs, 429, "too_many_jobs"),
+    (JobStoreUnavailable, 503, "store_unavailable"),
 ]
+
+# The table with each error's Retry-After default: a `RetryLater` error's own, none for the others.
+ERROR_TABLE: list[tuple[type[Exception], int, str, float | None]] = [
+    (exc_type, status, code, exc_type.default_retry_after_s if issubclass(exc_type, RetryLater) else None)
+    for exc_type, status, code in ERROR_STATUSES
+]
+
+# `softserve_rejections_total{reason}`: the table's codes, but not 404 (an answer about the data, not a refusal).
+REJECTION_REASONS = tuple(dict.fromkeys(code for _, status, code, _ in ERROR_TABLE if status != 404))
 
 HTTP_CODES = {
     400: "bad_request",
@@ -126,9 +138,8 @@ def _field_path(location: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in location if part != "body") or "body"
 
 
-def _validation_message(error: RequestValidationError) -> tuple[int, str, str]:
+def _validation_message(problems: Sequence[Any]) -> tuple[int, str, str]:
     """Only each problem's location and `msg` (never its `input` or `ctx`, which may hold any object)."""
-    problems = error.errors()
     for problem in problems:
         if problem.get("type") == "json_invalid":
             detail = (problem.get("ctx") or {}).get("error")
@@ -139,21 +150,23 @@ def _validation_message(error: RequestValidationError) -> tuple[int, str, str]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    for exc_type, status, code, retry_after in ERROR_TABLE:
+    for exc_type, status, code in ERROR_STATUSES:
 
-        def handler(
-            request: Request, exc: Exception, status: int = status, code: str = code, retry: float | None = retry_after
-        ) -> JSONResponse:
-            if status != 404:
+        def handler(request: Request, exc: Exception, status: int = status, code: str = code) -> JSONResponse:
+            if code in REJECTION_REASONS:
                 request.app.state.lifecycle.metrics.rejections.labels(reason=code).inc()
-            return error_response(status, code, str(exc), getattr(exc, "retry_after_s", retry))
+            retry_after = exc.retry_after_s if isinstance(exc, RetryLater) else None
+            return error_response(status, code, str(exc), retry_after)
 
         app.add_exception_handler(exc_type, handler)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        status, code, message = _validation_message(exc)
-        return error_response(status, code, message)
+        return error_response(*_validation_message(exc.errors()))
+
+    @app.exception_handler(InvalidRequest)
+    async def on_invalid_request(request: Request, exc: InvalidRequest) -> JSONResponse:
+        return error_response(*_validation_message(exc.problems))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

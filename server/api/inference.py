@@ -10,11 +10,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.routing import APIRoute
 
-from server.api.deps import caller, runtime, wait_for_disconnect
+from server.api.deps import caller, components, wait_for_disconnect
 from server.api.errors import documented_errors
-from server.auth import Caller
-from server.runtime import Runtime
-from server.schemas import ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse
+from server.components import Components
+from server.serving.schemas import ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse
+from server.tenancy.keys import Caller
 
 OVERLOADED = "overloaded"
 
@@ -38,7 +38,7 @@ class ShedWhenFull(APIRoute):
 
 def _shed(request: Request) -> Response | None:
     lifecycle = request.app.state.lifecycle
-    rt: Runtime | None = lifecycle.runtime
+    rt: Components | None = lifecycle.components
     if rt is None or not rt.batcher.is_full:
         return None
     lifecycle.metrics.rejections.labels(reason=OVERLOADED).inc()
@@ -66,7 +66,7 @@ async def generate(
     body: GenerateRequest,
     request: Request,
     who: Annotated[Caller, Depends(caller)],
-    rt: Annotated[Runtime, Depends(runtime)],
+    rt: Annotated[Components, Depends(components)],
 ) -> GenerateResponse:
     return await rt.inference.generate(who.tenant, body, lambda: wait_for_disconnect(request))
 
@@ -76,6 +76,6 @@ async def classify(
     body: ClassifyRequest,
     request: Request,
     who: Annotated[Caller, Depends(caller)],
-    rt: Annotated[Runtime, Depends(runtime)],
+    rt: Annotated[Components, Depends(components)],
 ) -> ClassifyResponse:
     return await rt.inference.classify(who.tenant, body, lambda: wait_for_disconnect(request))

@@ -8,10 +8,10 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.api.deps import admin, caller, runtime
+from server.api.deps import admin, caller, components
 from server.api.errors import documented_errors
-from server.auth import Caller
-from server.runtime import Runtime
+from server.components import Components
+from server.tenancy.keys import Caller
 
 router = APIRouter(tags=["operations"])
 
@@ -28,7 +28,7 @@ async def ready(request: Request) -> JSONResponse:
     into a full one); 503 while starting, draining or failed."""
     lifecycle = request.app.state.lifecycle
     phase, reason = lifecycle.phase, lifecycle.reason
-    degraded = lifecycle.runtime.degraded() if phase == "ready" and lifecycle.runtime is not None else None
+    degraded = lifecycle.components.degraded() if phase == "ready" and lifecycle.components is not None else None
     if degraded:
         phase, reason = "degraded", degraded
     body: dict[str, Any] = {"status": phase}
@@ -48,7 +48,9 @@ async def metrics(request: Request) -> Response:
 
 
 @router.get("/v1/info", responses=documented_errors(401, 403, 503))
-async def info(who: Annotated[Caller, Depends(caller)], rt: Annotated[Runtime, Depends(runtime)]) -> dict[str, Any]:
+async def info(
+    who: Annotated[Caller, Depends(caller)], rt: Annotated[Components, Depends(components)]
+) -> dict[str, Any]:
     s = rt.settings
     return {
         "model": rt.model.model_id,

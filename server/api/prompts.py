@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, Response, UploadFile
 
-from prompt_store import TASK_ID_PATTERN, PromptFormat, dump_prompt
-from server.api.deps import caller, runtime
+from prompt_store import TASK_ID_PATTERN, PromptFormat
+from server.api.deps import caller, components
 from server.api.errors import documented_errors
-from server.auth import Caller
+from server.components import Components
 from server.errors import InvalidInput
-from server.runtime import Runtime
-from server.schemas import ActivateRequest, PromptList, PromptSummary, TaskView, UploadResponse
+from server.registry.schemas import ActivateRequest, PromptList, PromptSummary, TaskView, UploadResponse
+from server.tenancy.keys import Caller
 
 router = APIRouter(
     prefix="/v1/prompts", tags=["prompts"], responses=documented_errors(400, 401, 403, 404, 413, 415, 422, 429, 503)
@@ -21,7 +20,7 @@ router = APIRouter(
 
 TaskId = Annotated[str, Path(pattern=TASK_ID_PATTERN)]
 Who = Annotated[Caller, Depends(caller)]
-Rt = Annotated[Runtime, Depends(runtime)]
+Rt = Annotated[Components, Depends(components)]
 
 MEDIA_TYPES = {
     PromptFormat.SAFETENSORS: ("application/octet-stream", "safetensors"),
@@ -53,31 +52,17 @@ async def upload_prompt(
     metadata: Annotated[str | None, Form(description="JSON: labels, description, input_template, ...")] = None,
 ) -> UploadResponse:
     meta = rt.prompts.parse_metadata(metadata)
-    record = await rt.prompts.upload(who.tenant, task_id, file.file, meta)
-    version = record.versions[-1]
-    return UploadResponse(
-        task_id=task_id,
-        version=version.version,
-        length=version.length,
-        d_model=version.d_model,
-        sha256=version.sha256,
-        active=record.active_version == version.version,
-    )
-
-
-async def check_task_quota(rt: Runtime, tenant: str, task_id: str) -> None:
-    """Also asked before a training job is queued: its result becomes a task too."""
-    await rt.prompts.check_quota(tenant, task_id)
+    return UploadResponse.of(await rt.prompts.upload(who.tenant, task_id, file.file, meta))
 
 
 @router.get("", response_model=PromptList)
 async def list_prompts(who: Who, rt: Rt) -> PromptList:
-    return PromptList(prompts=[PromptSummary.of(r) for r in await rt.registry.list_tasks(who.tenant)])
+    return PromptList(prompts=[PromptSummary.of(r) for r in await rt.prompts.list_tasks(who.tenant)])
 
 
 @router.get("/{task_id}", response_model=TaskView)
 async def get_prompt(task_id: TaskId, who: Who, rt: Rt) -> TaskView:
-    return TaskView.of(await rt.registry.task(who.tenant, task_id))
+    return TaskView.of(await rt.prompts.task(who.tenant, task_id))
 
 
 @router.get("/{task_id}/versions/{version}", response_class=Response)
@@ -88,8 +73,7 @@ async def download_prompt(
     rt: Rt,
     format: Annotated[PromptFormat, Query()] = PromptFormat.SAFETENSORS,
 ) -> Response:
-    prompt = await rt.registry.load_prompt(who.tenant, task_id, version)
-    data = await asyncio.to_thread(dump_prompt, prompt.embeddings, format, rt.model.model_id)
+    data = await rt.prompts.download(who.tenant, task_id, version, format)
     media_type, extension = MEDIA_TYPES[format]
     filename = f"{task_id}-v{version}.{extension}"
     return Response(data, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
@@ -97,10 +81,10 @@ async def download_prompt(
 
 @router.post("/{task_id}/activate", response_model=TaskView)
 async def activate_prompt(task_id: TaskId, body: ActivateRequest, who: Who, rt: Rt) -> TaskView:
-    return TaskView.of(await rt.registry.activate(who.tenant, task_id, body.version))
+    return TaskView.of(await rt.prompts.activate(who.tenant, task_id, body.version))
 
 
 @router.delete("/{task_id}", status_code=204, response_class=Response)
 async def delete_prompt(task_id: TaskId, who: Who, rt: Rt) -> Response:
-    await rt.registry.delete(who.tenant, task_id)
+    await rt.prompts.delete(who.tenant, task_id)
     return Response(status_code=204)

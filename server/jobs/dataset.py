@@ -20,7 +20,7 @@ from typing import Any
 from prompt_store.records import text_problem
 from server import strict_json
 from server.jobs.errors import InvalidDataset
-from server.model import FrozenT5
+from server.serving.model import FrozenT5
 from server.training import TrainingExample
 
 FIELDS = ("input", "target")

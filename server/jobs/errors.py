@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from prompt_store.errors import RetryLater
+
 
 class JobError(Exception):
     """Base class: the message is written for the client."""
@@ -23,13 +25,11 @@ class InvalidDataset(JobError):
     """A train or eval set, or the job's config, cannot be trained on; the message names the line."""
 
 
-class TooManyJobs(JobError):
+class TooManyJobs(JobError, RetryLater):
     """The tenant already has its quota of queued and running jobs."""
 
-    def __init__(self, message: str, retry_after_s: float = 30.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+    default_retry_after_s = 30.0
 
 
-class JobStoreUnavailable(JobError):
+class JobStoreUnavailable(JobError, RetryLater):
     """The job store (Redis) cannot be reached right now."""

@@ -6,7 +6,7 @@ served first), and marks that tenant's turn (`JobStore.take_turn`). Both modes d
 worker picks: the in-process thread and `softserve worker` processes, whose turns are shared in Redis.
 A delivery on the queue (a wake-up of the in-process worker, an RQ job) therefore means "run the next job
 in the fair order", whichever job queued it. A long job also gives up its worker after
-`training_time_slice_s` when another tenant has a job waiting (`server.jobs.runner`), so a turn is
+`training_time_slice_s` when another tenant has a job waiting (`server.jobs.job_runner`), so a turn is
 bounded in time too.
 """
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
+from server.jobs.job_runner import JobRunner, Requeue
 from server.jobs.records import JobState
 from server.jobs.recovery import requeue_abandoned
-from server.jobs.runner import JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,13 @@ class ThreadQueue:
     or fail after `max_attempts` losses.
     """
 
-    def __init__(self, runner: JobRunner, max_attempts: int) -> None:
-        self.runner = runner
+    def __init__(self, make_runner: Callable[[Requeue], JobRunner], max_attempts: int) -> None:
+        """`make_runner` builds the runner given how to queue a job again: through this queue."""
         self.max_attempts = max_attempts
         self._pending: queue.Queue[tuple[str, int] | None] = queue.Queue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._work, name="training-worker", daemon=True)
+        self.runner = make_runner(self.submit)
 
     def submit(self, job_id: str, attempt: int) -> None:
         if not self._stopping.is_set():

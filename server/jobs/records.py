@@ -40,6 +40,10 @@ class JobState(str, Enum):
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
+# The values of `softserve_training_jobs_total{state}` (metric labels are the plain strings).
+JOB_STATES = tuple(state.value for state in JobState)
+
+
 class Stored(BaseModel):
     """A part of a job record: finite numbers only, and revalidated when built from another record's parts."""
 

@@ -3,7 +3,7 @@
 Keys (under `namespace`; tenant names cannot hold `:`):
 - `{ns}:job:{id}` the record (JSON); `{ns}:job:{id}:dataset` the train/eval sets until the job ends;
   `{ns}:job:{id}:checkpoint` the last checkpoint (bytes) while it runs;
-  `{ns}:job:{id}:lease` who runs it, with a TTL its worker keeps renewing (see `server.jobs.rq_queue`).
+  `{ns}:job:{id}:lease` who runs it, with a TTL its worker keeps renewing (see `server.jobs.lease`).
 - `{ns}:jobs:{tenant}` sorted set of the tenant's job ids by creation time;
   `{ns}:jobs:active` and `{ns}:jobs:active:{tenant}` sets of unfinished job ids.
 - `{ns}:training:turns` hash tenant -> the value of the counter `{ns}:training:turn` when a worker last
@@ -43,10 +43,6 @@ class RedisJobStore:
         self.client = client
         self.ns = namespace
         self._take_turn = client.register_script(TAKE_TURN)
-
-    @classmethod
-    def from_url(cls, url: str, namespace: str, timeout_s: float) -> RedisJobStore:
-        return cls(redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s), namespace)
 
     # Keys
 

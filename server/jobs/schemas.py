@@ -1,4 +1,4 @@
-"""Request and response bodies of `/v1/training-jobs` (api.md, "Training"). Pydantic only."""
+"""Request and response bodies of `/v1/training-jobs` (docs/api.md, "Training"). Pydantic only."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prompt_store import TASK_ID_PATTERN
 from server.jobs.records import HistoryEntry, JobProgress, JobRecord, JobState
-from server.schemas import iso
+from server.registry.schemas import iso
 from server.training import TrainingConfig
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from prompt_store.disk import write_atomically
+from prompt_store.atomic import write_atomically
 from server.jobs.dataset import Dataset
 from server.jobs.errors import JobNotFound, TooManyJobs
 from server.jobs.records import JOB_ID_PATTERN, JobRecord

@@ -1,4 +1,4 @@
-"""The prompt-tuning recipe: the job's `config` (api.md) and the fixed optimizer settings of the paper.
+"""The prompt-tuning recipe: the job's `config` (docs/api.md) and the fixed optimizer settings of the paper.
 
 Defaults follow Lester, Al-Rfou & Constant (2021): prompt length 100, class-label init, Adafactor at a
 constant learning rate of 0.3, batch 32. Only the fields a job may set live in `TrainingConfig`; the
@@ -40,7 +40,7 @@ MAX_WEIGHT_DECAY = 1.0
 
 
 class TrainingConfig(BaseModel):
-    """A training job's `config` (api.md, "Training"); unknown fields are refused so typos do not pass silently."""
+    """A training job's `config` (docs/api.md, "Training"); unknown fields are refused so typos do not pass silently."""
 
     # Stored in job records, so every number must survive a JSON round trip: no NaN or infinity.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)

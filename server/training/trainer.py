@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from transformers.optimization import Adafactor
 
 from prompt_store import SoftPrompt, validate_prompt
-from prompt_store.disk import write_atomically
-from server.model import Decoding, FrozenT5, Row
+from prompt_store.atomic import write_atomically
+from server.serving.model import Decoding, FrozenT5, Row
 from server.training.recipe import MAX_RANK_LABELS, RANDOM_INIT_RANGE, VOCAB_INIT_TOP_IDS, TrainingConfig
 
 IGNORE_INDEX = -100

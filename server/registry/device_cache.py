@@ -21,13 +21,6 @@ class DevicePromptCache:
         self._pinned: set[Hashable] = set()
         self._metrics = metrics
 
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def __contains__(self, key: Hashable) -> bool:
         return key in self._entries
 

@@ -37,7 +37,7 @@ from server.jobs.records import (
 )
 from server.jobs.store import JobStore
 from server.metrics import TrainingMetrics
-from server.model import FrozenT5
+from server.serving.model import FrozenT5
 from server.training import PromptTrainer, TrainingCancelled, TrainingCheckpoint, TrainingDiverged, TrainingResult
 from server.training.recipe import MAX_RANK_LABELS
 

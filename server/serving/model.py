@@ -31,7 +31,8 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutput
 
-from server.tiny import build_tiny_t5
+from server.serving.load_errors import checked_device, load_failure
+from server.serving.tiny import build_tiny_t5
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +118,8 @@ class StopWhenAbandoned(StoppingCriteria):
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """Raises `ModelLoadError` (one line for the operator) for a device this machine does not have."""
+    return checked_device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -161,8 +161,11 @@ class FrozenT5:
             model, tokenizer = build_tiny_t5()
         else:
             source = str(Path(name)) if Path(name).is_dir() else name
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = T5ForConditionalGeneration.from_pretrained(source, dtype=torch_dtype)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(source)
+                model = T5ForConditionalGeneration.from_pretrained(source, dtype=torch_dtype)
+            except (OSError, ValueError) as error:  # what transformers raises for a missing or unusable source
+                raise load_failure(name, error) from error
         log.info("loaded %s on %s as %s", name, target, torch_dtype)
         return cls(model, tokenizer, name, target, torch_dtype)
 

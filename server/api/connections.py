@@ -26,7 +26,6 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from server.api.errors import error_response
-from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +35,6 @@ class ConnectionLimits:
     max_connections: int
     header_timeout_s: float
     body_timeout_s: float
-
-    @classmethod
-    def of(cls, settings: Settings) -> ConnectionLimits:
-        return cls(settings.max_connections, settings.header_timeout_s, settings.body_timeout_s)
 
 
 class GuardedH11Protocol(H11Protocol):

@@ -3,7 +3,7 @@
 Requests resolve (tenant, task, version) to a prompt tensor on the model's device. Task records and
 prompt tensors are cached; a cold prompt is loaded on a thread, so the event loop (and every other
 request) never waits on storage. Writes go through here so the caches are dropped at once; changes
-made by other replicas arrive through `refresh` (see `server.registry_sync`).
+made by other replicas arrive through `refresh` (see `server.registry.sync`).
 
 A request keeps the prompt it resolved: the device cache is keyed by content (sha256), and the request
 holds its own reference to the tensor, so a new version or a delete never changes a request in flight.
@@ -15,12 +15,12 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
 from prompt_store import (
     PromptStore,
-    RedisStore,
     SoftPrompt,
     TaskMetadata,
     TaskNotFound,
@@ -29,12 +29,16 @@ from prompt_store import (
     VersionNotFound,
 )
 from prompt_store.redis_store import unknown_version
+from prompt_store.store import LoadSource
 from server.metrics import ServerMetrics
-from server.prompt_cache import DevicePromptCache
+from server.registry.device_cache import DevicePromptCache
 
 log = logging.getLogger(__name__)
 
 TaskKey = tuple[str, str]
+# Where a request's prompt came from (`softserve_prompt_loads_total{source}`): the device cache, or a store.
+PromptSource = Literal["cache", LoadSource]
+PROMPT_SOURCES: tuple[PromptSource, ...] = get_args(PromptSource)
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,6 @@ class PromptRegistry:
         to_device: Callable[[torch.Tensor], torch.Tensor],
         cache_bytes: int,
         metrics: ServerMetrics | None = None,
-        source: str = "disk",
         pinned: Iterable[TaskKey] = (),
     ) -> None:
         self.store = store
@@ -65,7 +68,6 @@ class PromptRegistry:
         self._prompts = DevicePromptCache(cache_bytes, metrics)
         self._loading: dict[PromptKey, asyncio.Future[torch.Tensor]] = {}
         self._metrics = metrics
-        self._source = source
         self.pinned_tasks = frozenset(pinned)
         self._background: set[asyncio.Task[None]] = set()
 
@@ -119,10 +121,8 @@ class PromptRegistry:
 
     def _fetch_task(self, tenant: str, task_id: str) -> tuple[TaskRecord, bool]:
         """The task's record, and whether it is only the disk mirror's copy (Redis unreachable)."""
-        if isinstance(self.store, RedisStore):
-            record, source = self.store.get_task_traced(tenant, task_id)
-            return record, source == "disk"
-        return self.store.get_task(tenant, task_id), False
+        record, source = self.store.get_task_traced(tenant, task_id)
+        return record, source != self.store.primary
 
     async def _load(self, key: PromptKey) -> torch.Tensor:
         """Loads a cold prompt once, however many requests ask for it at the same time."""
@@ -133,7 +133,8 @@ class PromptRegistry:
         self._loading[key] = future
         try:
             tenant, task_id, version, _ = key
-            prompt, source = await asyncio.to_thread(self._fetch, tenant, task_id, version)
+            # where it came from: Redis, or the disk mirror while Redis is down
+            prompt, source = await asyncio.to_thread(self.store.load_prompt_traced, tenant, task_id, version)
             tensor = self._to_device(prompt.embeddings)
             self._prompts.put(key, tensor)
             self._count_load(source)
@@ -146,13 +147,7 @@ class PromptRegistry:
         finally:
             del self._loading[key]
 
-    def _fetch(self, tenant: str, task_id: str, version: int) -> tuple[SoftPrompt, str]:
-        """The prompt and the label of where it came from (Redis, or the disk mirror when Redis is down)."""
-        if isinstance(self.store, RedisStore):
-            return self.store.load_prompt_traced(tenant, task_id, version)
-        return self.store.load_prompt(tenant, task_id, version), self._source
-
-    def _count_load(self, source: str) -> None:
+    def _count_load(self, source: PromptSource) -> None:
         if self._metrics is not None:
             self._metrics.prompt_loads.labels(source=source).inc()
 

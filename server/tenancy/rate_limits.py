@@ -1,7 +1,8 @@
 """Per-tenant rate limits (requests/s and tokens/s), on the `limits` library.
 
-Counters live in this process, or in Redis when the registry uses Redis, so replicas share them.
-If the limiter's storage fails, requests are let through: a rate limiter must not take serving down.
+Counters live in the storage the backend gives (`server.backend`): this process's memory, or Redis when
+the registry uses Redis, so replicas share them. If the storage fails, requests are let through: a rate
+limiter must not take serving down.
 """
 
 from __future__ import annotations
@@ -10,34 +11,23 @@ import logging
 import time
 
 from limits import RateLimitItem, RateLimitItemPerSecond
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from server.errors import InvalidInput, RateLimited
-from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 class TenantRateLimits:
-    def __init__(self, requests_per_s: int, tokens_per_s: int, redis_url: str | None = None) -> None:
-        storage: Storage = (
-            RedisStorage(redis_url, implementation="redispy", key_prefix="softserve:limits")
-            if redis_url
-            else MemoryStorage()
-        )
-        self._limiter = SlidingWindowCounterRateLimiter(storage)
+    def __init__(self, requests_per_s: int, tokens_per_s: int, storage: Storage | None = None) -> None:
+        """0 turns a limit off; `storage` None keeps the counters in this process."""
+        self._limiter = SlidingWindowCounterRateLimiter(storage or MemoryStorage())
         self._limits: list[tuple[RateLimitItem, str, bool]] = []
         if requests_per_s > 0:
             self._limits.append((RateLimitItemPerSecond(requests_per_s), "requests", False))
         if tokens_per_s > 0:
             self._limits.append((RateLimitItemPerSecond(tokens_per_s), "tokens", True))
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> TenantRateLimits:
-        """Shared across replicas through Redis when the registry uses Redis."""
-        redis_url = settings.redis_url if settings.store == "redis" else None
-        return cls(settings.rate_limit_requests_per_s, settings.rate_limit_tokens_per_s, redis_url)
 
     async def admit(self, tenant: str, tokens: int) -> None:
         """Charges `tenant` one request and its full `tokens`, or raises `RateLimited` with a wait time.

@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prompt_store import TASK_ID_PATTERN, is_valid_task_id
-from prompt_store.disk import write_atomically
+from prompt_store.atomic import write_atomically
 from server.errors import AuthUnavailable, Unauthorized
 from server.strict_json import loads as strict_json_loads
 

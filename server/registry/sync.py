@@ -17,21 +17,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from typing import Literal, get_args
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from prompt_store import PromptStoreError, RedisStore
-from server.metrics import ServerMetrics
-from server.registry import PromptRegistry
+from server.metrics import ServerMetrics, zero_series
+from server.registry.registry import PromptRegistry
 
 log = logging.getLogger(__name__)
 
 MAX_RETRY_S = 1.0
 PINGS_PER_TIMEOUT = 4
+# The label values of the sync's counters (their series exist at 0 from the start).
+ReconcileTrigger = Literal["connect", "periodic"]
+RefreshCause = Literal["notice", "reconcile"]
 
 
 class SyncMetrics:
@@ -40,14 +42,20 @@ class SyncMetrics:
         self.store_up = Gauge(
             "softserve_registry_store_up", "1 while this replica reaches the Redis registry", registry=r
         )
-        self.reconciles = Counter(
-            "softserve_registry_reconciles_total", "Cache checks against Redis, by trigger", ["trigger"], registry=r
+        self.reconciles = zero_series(
+            Counter(
+                "softserve_registry_reconciles_total", "Cache checks against Redis, by trigger", ["trigger"], registry=r
+            ),
+            get_args(ReconcileTrigger),
         )
-        self.refreshes = Counter(
-            "softserve_registry_refreshes_total",
-            "Cached tasks dropped because they changed elsewhere, by how it was learnt",
-            ["cause"],
-            registry=r,
+        self.refreshes = zero_series(
+            Counter(
+                "softserve_registry_refreshes_total",
+                "Cached tasks dropped because they changed elsewhere, by how it was learnt",
+                ["cause"],
+                registry=r,
+            ),
+            get_args(RefreshCause),
         )
         self.mirror_repairs = Counter(
             "softserve_registry_mirror_repairs_total",
@@ -63,17 +71,14 @@ class RegistrySync:
         registry: PromptRegistry,
         metrics: ServerMetrics,
         reconcile_interval_s: float,
+        client: aioredis.Redis,
     ) -> None:
+        """`client`: the listener's own connection to the store's Redis, with no retries inside redis-py (a lost
+        connection must surface here, to reconcile after it); closed by `stop`."""
         self._store = store
         self._registry = registry
         self._interval = reconcile_interval_s
-        # No retries inside redis-py: a lost connection must surface here, to reconcile after it.
-        self._client = aioredis.Redis.from_url(
-            store.url,
-            socket_connect_timeout=store.timeout_s,
-            socket_timeout=store.timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self._client = client
         self._metrics = SyncMetrics(metrics)
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -166,7 +171,7 @@ class RegistrySync:
         if self._registry.refresh(tenant, task_id, updated_at):
             self._metrics.refreshes.labels(cause="notice").inc()
 
-    async def reconcile(self, trigger: str) -> int:
+    async def reconcile(self, trigger: ReconcileTrigger) -> int:
         """Refreshes every cached task whose Redis state differs from the cached one; returns how many."""
         cached = self._registry.cached_records()
         keys = list(cached)

@@ -1,4 +1,4 @@
-"""`PromptService`: what an upload does besides HTTP.
+"""`PromptService`: what the prompt routes do besides HTTP: upload, list, read, download, activate, delete.
 
 Everything a task will need to be served is checked at upload, cheapest first, so that a task that is
 accepted can be used: the metadata (strict JSON and types, then the server's limits on templates,
@@ -16,17 +16,26 @@ from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 
-from prompt_store import SoftPrompt, TaskMetadata, TaskNotFound, TaskRecord, load_prompt_bytes, validate_prompt
+from prompt_store import (
+    PromptFormat,
+    SoftPrompt,
+    TaskMetadata,
+    TaskNotFound,
+    TaskRecord,
+    dump_prompt,
+    load_prompt_bytes,
+    validate_prompt,
+)
 from prompt_store.formats import ReadLimits
 from prompt_store.records import INPUT_PLACEHOLDER
 from server import strict_json
-from server.errors import InvalidInput, RateLimited
-from server.inference import CHARS_PER_TOKEN
-from server.model import Decoding, FrozenT5, Row
-from server.registry import PromptRegistry
-from server.runner import ClassifyWork, GenerateWork
-from server.schemas import GenerateParameters, UploadMetadata
-from server.settings import Settings
+from server.errors import InvalidInput
+from server.registry.registry import PromptRegistry
+from server.registry.schemas import UploadMetadata
+from server.serving.batch_runner import ClassifyWork, GenerateWork
+from server.serving.limits import ServingLimits
+from server.serving.model import Decoding, FrozenT5, Row
+from server.tenancy.quotas import TaskQuota
 
 UPLOAD_READERS = 2
 INVALID = "metadata is invalid: "
@@ -34,13 +43,18 @@ INVALID = "metadata is invalid: "
 
 class PromptService:
     def __init__(
-        self, model: FrozenT5, registry: PromptRegistry, settings: Settings, readers: int = UPLOAD_READERS
+        self,
+        model: FrozenT5,
+        registry: PromptRegistry,
+        limits: ServingLimits,
+        quota: TaskQuota,
+        readers: int = UPLOAD_READERS,
     ) -> None:
         self.model = model
         self.registry = registry
-        self.settings = settings
-        self.read_limits = ReadLimits(max_rows=settings.max_prompt_length, d_model=model.d_model)
-        self.max_label_chars = settings.max_input_chars or CHARS_PER_TOKEN * settings.max_input_tokens
+        self.limits = limits
+        self.quota = quota
+        self.read_limits = ReadLimits(max_rows=limits.max_prompt_length, d_model=model.d_model)
         self._readers = asyncio.Semaphore(readers)
 
     def parse_metadata(self, raw: str | None) -> UploadMetadata:
@@ -62,7 +76,7 @@ class PromptService:
 
     async def upload(self, tenant: str, task_id: str, file: BinaryIO, metadata: UploadMetadata) -> TaskRecord:
         """Registers the file's prompt as a new version of the task; returns the task's record."""
-        await self.check_quota(tenant, task_id)
+        await self.quota.check(tenant, task_id)
         new_metadata = metadata.task_metadata()
         served_with = (await self._current_metadata(tenant, task_id)).merged(new_metadata)
         async with self._readers:
@@ -71,13 +85,22 @@ class PromptService:
             tenant, task_id, prompt, new_metadata, metadata.activate, self.model.model_id
         )
 
-    async def check_quota(self, tenant: str, task_id: str) -> None:
-        limit = self.settings.max_tasks_per_tenant
-        if not limit:
-            return
-        existing = {record.task_id for record in await self.registry.list_tasks(tenant)}
-        if task_id not in existing and len(existing) >= limit:
-            raise RateLimited(f"this tenant's quota of {limit} tasks is used; delete a task first", retry_after_s=60)
+    async def list_tasks(self, tenant: str) -> list[TaskRecord]:
+        return await self.registry.list_tasks(tenant)
+
+    async def task(self, tenant: str, task_id: str) -> TaskRecord:
+        return await self.registry.task(tenant, task_id)
+
+    async def download(self, tenant: str, task_id: str, version: int, format: PromptFormat) -> bytes:
+        """The version's prompt as a file of `format` (written in a worker thread)."""
+        prompt = await self.registry.load_prompt(tenant, task_id, version)
+        return await asyncio.to_thread(dump_prompt, prompt.embeddings, format, self.model.model_id)
+
+    async def activate(self, tenant: str, task_id: str, version: int) -> TaskRecord:
+        return await self.registry.activate(tenant, task_id, version)
+
+    async def delete(self, tenant: str, task_id: str) -> None:
+        await self.registry.delete(tenant, task_id)
 
     async def _current_metadata(self, tenant: str, task_id: str) -> TaskMetadata:
         try:
@@ -88,39 +111,25 @@ class PromptService:
     def _check_sizes(self, metadata: UploadMetadata) -> None:
         """The server's limits that need no tokenizing: template and label lengths, default parameters."""
         template = metadata.input_template
-        if template is not None and len(template) > self.settings.max_template_chars:
+        if template is not None and len(template) > self.limits.max_template_chars:
             raise InvalidInput(
-                f"{INVALID}input_template has {len(template)} characters; "
-                f"the limit is {self.settings.max_template_chars}"
+                f"{INVALID}input_template has {len(template)} characters; the limit is {self.limits.max_template_chars}"
             )
         for i, label in enumerate(metadata.labels or []):
-            if len(label) > self.max_label_chars:
+            if len(label) > self.limits.max_chars:
                 raise InvalidInput(
-                    f"{INVALID}labels.{i} has {len(label)} characters; the limit is {self.max_label_chars}"
+                    f"{INVALID}labels.{i} has {len(label)} characters; the limit is {self.limits.max_chars}"
                 )
         if metadata.parameters is not None:
-            self._check_default_parameters(metadata.parameters)
-
-    def _check_default_parameters(self, parameters: GenerateParameters) -> None:
-        settings = self.settings
-        if parameters.max_new_tokens > settings.max_new_tokens:
-            raise InvalidInput(
-                f"{INVALID}parameters.max_new_tokens is {parameters.max_new_tokens}; "
-                f"this server's limit is {settings.max_new_tokens}"
-            )
-        beam_tokens = parameters.num_beams * parameters.max_new_tokens
-        if beam_tokens > settings.max_beam_tokens:
-            raise InvalidInput(
-                f"{INVALID}parameters.num_beams x max_new_tokens is {beam_tokens}; "
-                f"this server's limit is {settings.max_beam_tokens}"
-            )
+            parameters = metadata.parameters
+            self.limits.check_decoding(parameters.max_new_tokens, parameters.num_beams, f"{INVALID}parameters.")
 
     def _read_prompt(self, file: BinaryIO, served_with: TaskMetadata) -> SoftPrompt:
         """Runs in a worker thread: tokenizing and reading the file are the costly steps (texts first)."""
         smallest_input, label_ids = self._tokenize_texts(served_with)
         data = file.read(self.read_limits.max_bytes + 1)  # one byte more tells a file over the cap
         tensor = load_prompt_bytes(data, self.read_limits)
-        prompt = validate_prompt(tensor, self.model.d_model, self.settings.max_prompt_length)
+        prompt = validate_prompt(tensor, self.model.d_model, self.limits.max_prompt_length)
         self._check_smallest_request(Row(prompt.embeddings, smallest_input), label_ids, served_with)
         return prompt
 
@@ -128,7 +137,7 @@ class PromptService:
         """Token ids of the task's smallest input (its template around an empty input) and of its labels."""
         template = metadata.input_template or INPUT_PLACEHOLDER
         smallest, *label_ids = self.model.tokenize([template.replace(INPUT_PLACEHOLDER, ""), *(metadata.labels or [])])
-        limit = self.settings.max_input_tokens
+        limit = self.limits.max_input_tokens
         if len(smallest) > limit:
             raise InvalidInput(f"{INVALID}input_template alone has {len(smallest)} tokens; the limit is {limit}")
         for i, ids in enumerate(label_ids):
@@ -138,7 +147,7 @@ class PromptService:
 
     def _check_smallest_request(self, row: Row, label_ids: list[list[int]], metadata: TaskMetadata) -> None:
         """The task's cheapest request must fit in one model call, costed as serving costs it."""
-        limit = self.settings.max_batch_tokens
+        limit = self.limits.max_batch_tokens
         decoding = Decoding(num_beams=_default_beams(metadata.parameters))
         generate = GenerateWork(row, ("", ""), decoding, max_new_tokens=1)
         if generate.cost > limit:

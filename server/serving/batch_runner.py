@@ -12,34 +12,78 @@ from __future__ import annotations
 import logging
 import math
 import time
+from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import torch
+from typing_extensions import Self
 
 from server.errors import ClientDisconnected, NonFiniteScores, Overloaded
 from server.metrics import ServerMetrics
-from server.model import NON_FINITE, Decoding, FrozenT5, Generation, Row
+from server.serving.model import NON_FINITE, Decoding, FrozenT5, Generation, Row
+
+TaskKey = tuple[str, str]
+R = TypeVar("R")
+
+
+class Work(ABC, Generic[R]):
+    """One row's work of one kind: what it costs a model call, which rows may share its call, and the call.
+
+    A kind's `run_group` gets only works of its own kind and one group key (`BatchRunner` groups by it), and
+    returns one result (or error) per work: `R` for a `Work[R]`.
+    """
+
+    row: Row
+    task: TaskKey
+
+    @property
+    @abstractmethod
+    def cost(self) -> int:
+        """Tokens the row adds to a model call (what `max_batch_tokens` counts)."""
+
+    @abstractmethod
+    def group_key(self, index: int) -> Hashable:
+        """Works with equal keys share one model call; `index` (the row's place in the batch) makes a key unique."""
+
+    @classmethod
+    @abstractmethod
+    def run_group(cls, model: FrozenT5, works: Sequence[Self]) -> list[R | Exception]: ...
 
 
 @dataclass(frozen=True)
-class GenerateWork:
+class GenerateWork(Work[Generation]):
     row: Row
-    task: tuple[str, str]
+    task: TaskKey
     decoding: Decoding
     max_new_tokens: int
 
     @property
     def cost(self) -> int:
-        """Tokens the row adds to a model call: every beam carries the row's encoder output."""
+        """Every beam carries the row's encoder output."""
         return self.row.num_tokens * self.decoding.num_beams
+
+    def group_key(self, index: int) -> Hashable:
+        decoding = self.decoding
+        if not decoding.do_sample and decoding.num_beams == 1:
+            return ("greedy",)  # per-row max_new_tokens is exact here: rows are cut to their own limit
+        if decoding.do_sample and decoding.seed is not None:
+            return ("seeded", index)
+        return ("decode", decoding, self.max_new_tokens)
+
+    @classmethod
+    def run_group(cls, model: FrozenT5, works: Sequence[Self]) -> list[Generation | Exception]:
+        limits = [work.max_new_tokens for work in works]
+        generations = model.generate([work.row for work in works], works[0].decoding, limits)
+        return [_non_finite() if g.finish_reason == NON_FINITE else g for g in generations]
 
 
 @dataclass(frozen=True)
-class ClassifyWork:
+class ClassifyWork(Work[list[float]]):
     row: Row
-    task: tuple[str, str]
+    task: TaskKey
     targets: list[list[int]]
 
     @property
@@ -47,11 +91,20 @@ class ClassifyWork:
         """The encoder's tokens plus the decoder positions scored: each label padded to the longest."""
         return self.row.num_tokens + len(self.targets) * max(map(len, self.targets))
 
+    def group_key(self, index: int) -> Hashable:
+        return ("classify",)  # one encoder pass for every classify row
+
+    @classmethod
+    def run_group(cls, model: FrozenT5, works: Sequence[Self]) -> list[list[float] | Exception]:
+        scores = model.score([work.row for work in works], [work.targets for work in works])
+        return [s if all(map(math.isfinite, s)) else _non_finite() for s in scores]
+
 
 log = logging.getLogger(__name__)
 
-Work = GenerateWork | ClassifyWork
-Result = Generation | list[float] | Exception
+AnyWork = Work[Any]
+WorkResult = Generation | list[float]  # what the works of a batch produce, any kind
+Result = WorkResult | Exception
 
 
 class BatchRunner:
@@ -59,9 +112,9 @@ class BatchRunner:
         self.model = model
         self.metrics = metrics
 
-    def __call__(self, batch: list[Work]) -> list[Result]:
+    def __call__(self, batch: list[AnyWork]) -> list[Result]:
         started = time.perf_counter()
-        results: list[Result | None] = [None] * len(batch)
+        results: dict[int, Result] = {}
         for indices in self._groups(batch).values():
             wanted = self._skip_abandoned(batch, indices, results)
             if wanted:
@@ -70,9 +123,9 @@ class BatchRunner:
             self.metrics.inference_duration.observe(time.perf_counter() - started)
             self.metrics.batch_size.observe(len(batch))
             self.metrics.batch_tasks.observe(len({work.task for work in batch}))
-        return results  # type: ignore[return-value]
+        return [results[i] for i in range(len(batch))]  # every row has its result or error by now
 
-    def _skip_abandoned(self, batch: list[Work], indices: list[int], results: list[Result | None]) -> list[int]:
+    def _skip_abandoned(self, batch: list[AnyWork], indices: list[int], results: dict[int, Result]) -> list[int]:
         """The rows of a group still wanted; the others never reach the model (counted as dropped rows)."""
         wanted = [i for i in indices if not batch[i].row.abandoned.is_set()]
         for i in set(indices) - set(wanted):
@@ -82,13 +135,13 @@ class BatchRunner:
         return wanted
 
     @staticmethod
-    def _groups(batch: list[Work]) -> dict[Hashable, list[int]]:
+    def _groups(batch: list[AnyWork]) -> dict[Hashable, list[int]]:
         groups: dict[Hashable, list[int]] = defaultdict(list)
         for i, work in enumerate(batch):
-            groups[_group_key(work, i)].append(i)
+            groups[(type(work), work.group_key(i))].append(i)
         return groups
 
-    def _run_group(self, works: list[Work], indices: list[int], results: list[Result | None]) -> None:
+    def _run_group(self, works: list[AnyWork], indices: list[int], results: dict[int, Result]) -> None:
         try:
             outputs = self._run_splitting_on_oom(works)
         except Exception as error:  # the batcher turns this into a clear per-request error
@@ -98,7 +151,7 @@ class BatchRunner:
         for i, output in zip(indices, outputs, strict=True):
             results[i] = output
 
-    def _run_splitting_on_oom(self, works: list[Work]) -> list[Result]:
+    def _run_splitting_on_oom(self, works: list[AnyWork]) -> list[Result]:
         """Out of device memory: split the group in two and retry each half once, then give up with 503."""
         try:
             return self._run(works)
@@ -110,33 +163,15 @@ class BatchRunner:
         half = len(works) // 2
         return self._run_or_give_up(works[:half]) + self._run_or_give_up(works[half:])
 
-    def _run_or_give_up(self, works: list[Work]) -> list[Result]:
+    def _run_or_give_up(self, works: list[AnyWork]) -> list[Result]:
         try:
             return self._run(works)
         except torch.cuda.OutOfMemoryError:
             _release_cached_memory()
             return [_out_of_memory()] * len(works)
 
-    def _run(self, works: list[Work]) -> list[Result]:
-        rows = [work.row for work in works]
-        first = works[0]
-        if isinstance(first, ClassifyWork):
-            scores = self.model.score(rows, [w.targets for w in works])  # type: ignore[union-attr]
-            return [s if all(map(math.isfinite, s)) else _non_finite() for s in scores]
-        limits = [w.max_new_tokens for w in works]  # type: ignore[union-attr]
-        generations = self.model.generate(rows, first.decoding, limits)
-        return [_non_finite() if g.finish_reason == NON_FINITE else g for g in generations]
-
-
-def _group_key(work: Work, index: int) -> Hashable:
-    if isinstance(work, ClassifyWork):
-        return ("classify",)
-    decoding = work.decoding
-    if not decoding.do_sample and decoding.num_beams == 1:
-        return ("greedy",)  # per-row max_new_tokens is exact here: rows are cut to their own limit
-    if decoding.do_sample and decoding.seed is not None:
-        return ("seeded", index)
-    return ("decode", decoding, work.max_new_tokens)
+    def _run(self, works: list[AnyWork]) -> list[Result]:
+        return works[0].run_group(self.model, works)
 
 
 def _non_finite() -> NonFiniteScores:

@@ -1,10 +1,11 @@
-"""`MixedTaskBatcher`: gathers rows of any tasks into batches and runs them on one model thread.
+"""`TenantFairBatcher`: gathers rows of any tasks into batches and runs them on one model thread.
 
 Each submitted row gets a future. One background task fills a batch until `max_batch_size` rows or
 `max_batch_tokens` tokens, or until `max_wait_ms` has passed since it began waiting, then hands the
 batch to a single worker thread (the only thread that touches the model) and resolves the futures.
 Rows are taken round-robin across tenants, so one tenant's flood cannot starve another.
-The batcher knows nothing about models: it runs any `run_batch(payloads) -> results` callable.
+The batcher knows nothing about models: it runs any `run_batch(payloads) -> results` callable, whose
+results are `R`s or errors (one per payload, in order); each row's future gets its own.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from server.errors import InferenceFailed, InvalidInput, Overloaded
 
 log = logging.getLogger(__name__)
 
-P = TypeVar("P")
+P = TypeVar("P")  # what a row carries to `run_batch`
+R = TypeVar("R")  # what `run_batch` gives back for a row
 
 
 class BatchObserver(Protocol):
@@ -44,17 +46,17 @@ class _NoObserver:
 
 
 @dataclass
-class _Pending(Generic[P]):
+class _Pending(Generic[P, R]):
     payload: P
     cost: int
-    future: asyncio.Future[Any]
+    future: asyncio.Future[R]
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
-class MixedTaskBatcher(Generic[P]):
+class TenantFairBatcher(Generic[P, R]):
     def __init__(
         self,
-        run_batch: Callable[[list[P]], Sequence[Any]],
+        run_batch: Callable[[list[P]], Sequence[R | Exception]],
         *,
         max_batch_size: int,
         max_batch_tokens: int,
@@ -68,7 +70,7 @@ class MixedTaskBatcher(Generic[P]):
         self.max_wait_s = max_wait_ms / 1000
         self.max_queue_size = max_queue_size
         self._observer = observer or _NoObserver()
-        self._queues: OrderedDict[str, deque[_Pending[P]]] = OrderedDict()
+        self._queues: OrderedDict[str, deque[_Pending[P, R]]] = OrderedDict()
         self._depth = 0
         self._queued_tokens = 0
         self._has_work = asyncio.Event()
@@ -119,14 +121,14 @@ class MixedTaskBatcher(Generic[P]):
         if self._depth + rows > self.max_queue_size:
             raise self.queue_full()
 
-    def submit(self, payloads: list[P], costs: list[int], tenant: str) -> list[asyncio.Future[Any]]:
+    def submit(self, payloads: Sequence[P], costs: list[int], tenant: str) -> list[asyncio.Future[R]]:
         """Queues rows (all or none) and returns one future per row, in order."""
         self.check_room(len(payloads))
         loop = asyncio.get_running_loop()
         queue = self._queues.setdefault(tenant, deque())
         futures = []
         for payload, cost in zip(payloads, costs, strict=True):
-            item = _Pending(payload, cost, loop.create_future())
+            item: _Pending[P, R] = _Pending(payload, cost, loop.create_future())
             queue.append(item)
             futures.append(item.future)
         self._depth += len(payloads)
@@ -151,9 +153,9 @@ class MixedTaskBatcher(Generic[P]):
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._batch_full.wait(), self.max_wait_s)
 
-    def _take_batch(self) -> list[_Pending[P]]:
+    def _take_batch(self) -> list[_Pending[P, R]]:
         """Takes rows round-robin across tenants up to the batch limits; drops cancelled rows."""
-        batch: list[_Pending[P]] = []
+        batch: list[_Pending[P, R]] = []
         tokens = dropped = 0
         while self._queues and len(batch) < self.max_batch_size:
             tenant, queue = next(iter(self._queues.items()))
@@ -180,7 +182,7 @@ class MixedTaskBatcher(Generic[P]):
         self._observer.queue_depth(self._depth)
         return batch
 
-    async def _execute(self, batch: list[_Pending[P]]) -> None:
+    async def _execute(self, batch: list[_Pending[P, R]]) -> None:
         now = time.perf_counter()
         for item in batch:
             self._observer.queue_wait(now - item.enqueued_at)
@@ -196,7 +198,7 @@ class MixedTaskBatcher(Generic[P]):
         for item, result in zip(batch, results, strict=True):
             if item.future.done():
                 continue
-            if isinstance(result, BaseException):
+            if isinstance(result, Exception):
                 item.future.set_exception(result)
             else:
                 item.future.set_result(result)

@@ -12,19 +12,19 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar, cast
 
 from pydantic import ValidationError
 
 from prompt_store.records import INPUT_PLACEHOLDER
-from server.admission import TenantRateLimits
-from server.batcher import MixedTaskBatcher
 from server.errors import ClientDisconnected, DeadlineExceeded, InvalidInput
-from server.model import Decoding, FrozenT5, Generation, Row
-from server.registry import PromptRegistry, ResolvedPrompt
-from server.runner import ClassifyWork, GenerateWork, Work
-from server.schemas import (
+from server.registry.registry import PromptRegistry, ResolvedPrompt
+from server.serving.batch_runner import AnyWork, ClassifyWork, GenerateWork, Work, WorkResult
+from server.serving.batcher import TenantFairBatcher
+from server.serving.limits import ServingLimits
+from server.serving.model import Decoding, FrozenT5, Row
+from server.serving.schemas import (
     MAX_LABELS,
     ClassifyOutput,
     ClassifyRequest,
@@ -34,14 +34,10 @@ from server.schemas import (
     GenerateRequest,
     GenerateResponse,
 )
-from server.settings import Settings
+from server.tenancy.rate_limits import TenantRateLimits
 
 ClientGone = Callable[[], Awaitable[None]]
-
-# `max_input_chars` 0 means this many characters per allowed token: far above what any text that fits in
-# `max_input_tokens` needs (a byte-level token is at most one character), so only absurd inputs are refused
-# before tokenizing.
-CHARS_PER_TOKEN = 64
+R = TypeVar("R")
 
 
 class InferenceService:
@@ -49,16 +45,16 @@ class InferenceService:
         self,
         model: FrozenT5,
         registry: PromptRegistry,
-        batcher: MixedTaskBatcher[Work],
-        settings: Settings,
-        rate_limits: TenantRateLimits | None = None,
+        batcher: TenantFairBatcher[AnyWork, WorkResult],
+        limits: ServingLimits,
+        rate_limits: TenantRateLimits,
     ) -> None:
         self.model = model
         self.registry = registry
         self.batcher = batcher
-        self.settings = settings
-        self.rate_limits = rate_limits or TenantRateLimits.from_settings(settings)
-        self.max_chars = settings.max_input_chars or CHARS_PER_TOKEN * settings.max_input_tokens
+        self.limits = limits
+        self.rate_limits = rate_limits
+        self.max_chars = limits.max_chars
         # Tokenizing is CPU work: off the event loop, and no more at once than there are cores.
         self._tokenizing = asyncio.Semaphore(os.cpu_count() or 1)
 
@@ -77,8 +73,8 @@ class InferenceService:
         )
         task = (tenant, request.task_id)
         rows, _ = await self._tokenized(resolved, texts)
-        works: list[Work] = [GenerateWork(row, task, decoding, params.max_new_tokens) for row in rows]
-        results: list[Generation] = await self._run(works, tenant, client_gone)
+        works = [GenerateWork(row, task, decoding, params.max_new_tokens) for row in rows]
+        results = await self._run(works, tenant, client_gone)
         outputs = [
             GenerateOutput(text=g.text, num_tokens=len(g.token_ids), finish_reason=g.finish_reason) for g in results
         ]
@@ -93,8 +89,8 @@ class InferenceService:
         rows, targets = await self._tokenized(resolved, texts, labels)
         self._check_lengths(targets, "label")
         task = (tenant, request.task_id)
-        works: list[Work] = [ClassifyWork(row, task, targets) for row in rows]
-        results: list[list[float]] = await self._run(works, tenant, client_gone)
+        works = [ClassifyWork(row, task, targets) for row in rows]
+        results = await self._run(works, tenant, client_gone)
         if request.length_normalize:
             results = [[s / len(t) for s, t in zip(scores, targets, strict=True)] for scores in results]
         outputs = [_classify_output(labels, scores) for scores in results]
@@ -107,10 +103,8 @@ class InferenceService:
         texts = [inputs] if isinstance(inputs, str) else inputs
         if not texts:
             raise InvalidInput("inputs is empty")
-        if len(texts) > self.settings.max_inputs_per_request:
-            raise InvalidInput(
-                f"{len(texts)} inputs in one request; the limit is {self.settings.max_inputs_per_request}"
-            )
+        if len(texts) > self.limits.max_inputs_per_request:
+            raise InvalidInput(f"{len(texts)} inputs in one request; the limit is {self.limits.max_inputs_per_request}")
         self._check_chars(texts, "input")
         self.batcher.check_room(len(texts))
         return texts
@@ -141,15 +135,7 @@ class InferenceService:
             raise InvalidInput(
                 f"the task's default parameters, with this request's, are not valid: {problems}"
             ) from None
-        if params.max_new_tokens > self.settings.max_new_tokens:
-            raise InvalidInput(
-                f"max_new_tokens is {params.max_new_tokens}; this server's limit is {self.settings.max_new_tokens}"
-            )
-        if params.num_beams * params.max_new_tokens > self.settings.max_beam_tokens:
-            raise InvalidInput(
-                f"num_beams * max_new_tokens is {params.num_beams} * {params.max_new_tokens}; this server's limit "
-                f"is {self.settings.max_beam_tokens}"
-            )
+        self.limits.check_decoding(params.max_new_tokens, params.num_beams)
         return params
 
     async def _tokenized(
@@ -185,14 +171,14 @@ class InferenceService:
         return self.model.tokenize(texts + labels)
 
     def _check_lengths(self, token_ids: list[list[int]], what: str) -> None:
-        limit = self.settings.max_input_tokens
+        limit = self.limits.max_input_tokens
         for i, ids in enumerate(token_ids):
             if len(ids) > limit:
                 raise InvalidInput(f"{what} {i} has {len(ids)} tokens; the limit is {limit}")
 
-    def _check_costs(self, works: list[Work]) -> None:
+    def _check_costs(self, works: Sequence[AnyWork]) -> None:
         """A row costlier than a whole model call could never be batched within the budget."""
-        limit = self.settings.max_batch_tokens
+        limit = self.limits.max_batch_tokens
         for i, work in enumerate(works):
             if work.cost > limit:
                 raise InvalidInput(
@@ -201,7 +187,7 @@ class InferenceService:
                     "fewer beams or a shorter input"
                 )
 
-    async def _run(self, works: list[Work], tenant: str, client_gone: ClientGone | None) -> list[Any]:
+    async def _run(self, works: Sequence[Work[R]], tenant: str, client_gone: ClientGone | None) -> list[R]:
         """Waits for the rows, the deadline, or the client leaving, whichever comes first.
 
         When the request ends for any reason its rows are marked abandoned: rows still queued are dropped, and
@@ -218,13 +204,14 @@ class InferenceService:
             watchers.add(gone)
         try:
             done, _ = await asyncio.wait(
-                watchers, timeout=self.settings.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
+                watchers, timeout=self.limits.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
             )
             if results in done:
-                return results.result()
+                # A `Work[R]`'s row gets an `R`: the batch runner runs each work with its own kind's model call.
+                return cast("list[R]", results.result())
             if gone is not None and gone in done:
                 raise ClientDisconnected("the client closed the connection")
-            raise DeadlineExceeded(f"the request did not finish within {self.settings.request_timeout_s:g} s")
+            raise DeadlineExceeded(f"the request did not finish within {self.limits.request_timeout_s:g} s")
         finally:
             for work in works:
                 work.row.abandoned.set()

@@ -1,0 +1,1 @@
+"""Tenants: API keys (who is calling) and per-tenant rate limits."""

@@ -1,0 +1,239 @@
+"""A newcomer's path: every mistake ends in one clear line and a non-zero exit, and what the README shows runs.
+
+Each CLI test runs the real `softserve` (`python -m server.cli`) as a process, against a real server over HTTP.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from server.cli import build_parser, settings_from
+from server.settings import Settings
+from server.tenancy.keys import ApiKeys
+from tests.serving import free_port, wait_ready
+from tests.training import config, examples, jsonl, one_torch_thread  # noqa: F401 (an autouse fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+SOFTSERVE = [sys.executable, "-m", "server.cli"]
+
+
+def softserve(*args: str, cwd: Path | None = None, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """Runs the CLI as a user would: its own process, the test's environment plus `env`."""
+    return subprocess.run(
+        [*SOFTSERVE, *args], cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_one_error_line(run: subprocess.CompletedProcess, *fragments: str, exit_code: int = 1) -> str:
+    """The run failed with `exit_code`, without a traceback, and its last stderr line is the one error line."""
+    assert run.returncode == exit_code, (run.returncode, run.stderr[-3000:])
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), run.stderr[-3000:]
+    assert run.stderr.count("error: ") == 1, run.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in last, last
+    return last
+
+
+# --- start-up failures: the process ends, with one line that names the cause --------------------------------
+
+
+def unavailable_cuda_device() -> str:
+    """`cuda` where there is no CUDA (the common mistake); past the last GPU where there is one."""
+    return f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+
+
+@pytest.mark.parametrize(
+    ("flags", "why"),
+    [
+        (("--model", "{tmp}/no-such-checkpoint"), "no such directory, and it is not a hub id"),
+        (("--model", "softserve-tests/no-such-model"), "the hub could not be reached"),
+        (("--device", unavailable_cuda_device()), "cannot use device"),
+    ],
+    ids=["missing-directory", "hub-id-offline", "cuda-unavailable"],
+)
+def test_serve_exits_with_one_line_when_the_model_cannot_load(tmp_path: Path, flags: tuple[str, str], why: str) -> None:
+    flags = (flags[0], flags[1].format(tmp=tmp_path))
+    run = softserve(
+        "serve",
+        *flags,
+        "--port",
+        str(free_port()),
+        "--data-dir",
+        str(tmp_path / "data"),
+        HF_HUB_OFFLINE="1",  # a hub id fails at once instead of retrying a network that is not there
+        HF_HOME=str(tmp_path / "hf"),  # an empty cache: the id cannot be found in one
+    )
+    assert_one_error_line(run, why, flags[1])
+
+
+def test_worker_reads_dotenv_and_exits_with_one_line_when_the_model_cannot_load(tmp_path: Path) -> None:
+    """Without the `.env` (store=redis) the worker would refuse to start for another reason."""
+    (tmp_path / ".env").write_text(
+        f"SOFTSERVE_STORE=redis\nSOFTSERVE_MODEL={tmp_path}/missing\nSOFTSERVE_DATA_DIR={tmp_path}/data\n"
+    )
+    run = softserve("worker", cwd=tmp_path)
+    assert_one_error_line(run, f"cannot load model '{tmp_path}/missing': no such directory")
+
+
+# --- one line for each user mistake ----------------------------------------------------------------------------
+
+
+def test_a_bad_setting_is_one_line_naming_the_flag_and_variable(tmp_path: Path) -> None:
+    flag = softserve("serve", "--port", "notaport", cwd=tmp_path)
+    assert_one_error_line(flag, "--port", "SOFTSERVE_PORT", "'notaport'", exit_code=2)
+    assert len(flag.stderr.strip().splitlines()) == 1
+    variable = softserve("serve", cwd=tmp_path, SOFTSERVE_MAX_BATCH_SIZE="0")
+    assert_one_error_line(variable, "--max-batch-size", "SOFTSERVE_MAX_BATCH_SIZE", exit_code=2)
+
+
+def test_no_server_at_the_url_is_one_line(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    assert_one_error_line(softserve("prompts", "list", "--url", url, cwd=tmp_path), url, "softserve serve")
+    assert_one_error_line(softserve("jobs", "list", cwd=tmp_path, SOFTSERVE_URL=url), url)
+
+
+def test_a_missing_file_is_one_line(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # the file is read before anything is sent
+    upload = softserve("prompts", "upload", "t", "missing.npy", "--url", url, cwd=tmp_path)
+    assert_one_error_line(upload, "cannot open missing.npy: No such file or directory")
+    train = softserve("train", "t", "--train", "missing.jsonl", "--url", url, cwd=tmp_path)
+    assert_one_error_line(train, "cannot open missing.jsonl")
+    bad_json = softserve("prompts", "upload", "t", "missing.npy", "--metadata", "{", "--url", url, cwd=tmp_path)
+    assert_one_error_line(bad_json, "--metadata is not valid JSON", exit_code=2)
+
+
+def test_a_reader_that_leaves_early_ends_the_cli_quietly(tmp_path: Path) -> None:
+    """`softserve ... | head`: the output's reader is gone before the CLI writes (here: before it starts)."""
+    ApiKeys(tmp_path / "api_keys.json").add("acme")
+    listing = subprocess.Popen(
+        [*SOFTSERVE, "keys", "--data-dir", str(tmp_path), "list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    listing.stdout.close()  # type: ignore[union-attr]
+    stderr = listing.stderr.read()  # type: ignore[union-attr]
+    assert listing.wait(timeout=60) == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
+# --- the client commands: --url / --api-key anywhere, a quiet log, what --no-follow promises -----------------
+
+
+def test_url_and_api_key_are_taken_before_or_after_the_subcommand(base_url: str, settings: Settings) -> None:
+    key = ApiKeys(settings.keys_file).add("acme")  # auth turns on without a restart
+    refused = softserve("prompts", "list", "--url", base_url)
+    assert_one_error_line(refused, "401")
+    for args, env in [
+        (("prompts", "list", "--url", base_url, "--api-key", key), {}),
+        (("prompts", "--url", base_url, "--api-key", key, "list"), {}),
+        (("prompts", "--url", base_url, "list", "--api-key", key), {}),
+        (("jobs", "list", "--api-key", key), {"SOFTSERVE_URL": base_url}),
+        (("jobs", "--url", base_url, "list"), {"SOFTSERVE_API_KEY": key}),
+    ]:
+        run = softserve(*args, **env)
+        assert run.returncode == 0, (args, run.stderr)
+        assert json.loads(run.stdout) == []
+        assert "HTTP Request" not in run.stderr  # httpx's INFO line per request is kept quiet
+
+
+def test_client_defaults_come_from_dotenv(base_url: str, tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(f"SOFTSERVE_URL={base_url}\nSOFTSERVE_PORT=1\nCOMPOSE_PROJECT_NAME=x\n")
+    run = softserve("prompts", "list", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == []
+
+
+def test_train_no_follow_prints_the_job_id_and_follow_draws_a_clean_bar(base_url: str, tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").write_bytes(jsonl(examples()))
+    common = ("--train", "train.jsonl", "--url", base_url, "--config", json.dumps(config(steps=3)))
+    submitted = softserve("train", "quick", *common, "--no-follow", cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert httpx.get(f"{base_url}/v1/training-jobs/{job_id}").json()["job_id"] == job_id
+
+    followed = softserve("train", "followed", *common, "--poll", "0.05", cwd=tmp_path)
+    assert followed.returncode == 0, followed.stderr
+    assert json.loads(followed.stdout)["state"] == "succeeded"
+    assert "HTTP Request" not in followed.stderr and "3/3" in followed.stderr  # the bar reached its end
+
+
+# --- the README's Python example, `.env`, and the Makefile's torch index --------------------------------------
+
+
+def readme_python_block() -> str:
+    section = (ROOT / "README.md").read_text().split("## Python client", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1
+    return blocks[0]
+
+
+def test_the_readme_python_example_runs_as_written(base_url: str, tmp_path: Path) -> None:
+    """With the tour's `prompt.npy` in the working directory, as the README says."""
+    np.save(tmp_path / "prompt.npy", np.random.default_rng(0).normal(size=(20, 64)).astype("float32"))
+    script = readme_python_block().replace("http://127.0.0.1:8000", base_url)
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert lines[1] in ("positive", "negative") and lines[2] == "404 not_found", lines
+    assert len(ast.literal_eval(lines[3])) == 2  # the two concurrent async requests
+
+
+def test_dotenv_is_read_below_the_environment_and_the_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / ".env").write_text(
+        "SOFTSERVE_PORT=1111\nSOFTSERVE_MAX_BATCH_SIZE=7\nSOFTSERVE_MAX_WAIT_MS=3\n"
+        "SOFTSERVE_URL=http://elsewhere\nCOMPOSE_PROJECT_NAME=x\n"  # not settings: ignored, not refused
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SOFTSERVE_MAX_BATCH_SIZE", "9")
+    settings = settings_from(build_parser().parse_args(["serve", "--port", "2222"]))
+    assert (settings.port, settings.max_batch_size, settings.max_wait_ms) == (2222, 9, 3.0)
+    assert Settings().max_wait_ms == Settings.model_fields["max_wait_ms"].default  # only the CLI reads `.env`
+
+
+def test_env_example_copied_to_dotenv_gives_the_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copy(ROOT / ".env.example", tmp_path / ".env")
+    monkeypatch.chdir(tmp_path)
+    for name in Settings.model_fields:
+        monkeypatch.delenv(f"SOFTSERVE_{name.upper()}", raising=False)
+    assert settings_from(build_parser().parse_args(["serve"])) == Settings()
+
+
+def test_serve_reads_dotenv(tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / ".env").write_text(f"SOFTSERVE_PORT={port}\nSOFTSERVE_WARMUP=false\nCOMPOSE_PROJECT_NAME=x\n")
+    env = {key: value for key, value in os.environ.items() if key != "SOFTSERVE_PORT"}
+    server = subprocess.Popen([*SOFTSERVE, "serve"], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", 120)  # the port is only in `.env`
+        assert (tmp_path / "data").is_dir()  # the default data dir, relative to the working directory
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+
+
+def make_dry_run(*variables: str) -> str:
+    run = subprocess.run(["make", "-n", "-C", str(ROOT), "install", *variables], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    (torch_line,) = [line for line in run.stdout.splitlines() if '"torch==' in line]
+    return torch_line
+
+
+def test_make_install_takes_torch_from_torch_index_url() -> None:
+    cpu_index = "https://download.pytorch.org/whl/cpu"
+    assert make_dry_run(f"TORCH_INDEX_URL={cpu_index}").endswith(f"--index-url {cpu_index}")
+    assert "--index-url" not in make_dry_run()  # empty: pip's own configuration decides
