@@ -120,6 +120,20 @@ def worker(args: argparse.Namespace) -> None:
         raise CommandError(str(error)) from None
 
 
+def engine(args: argparse.Namespace) -> None:
+    import zmq
+
+    from server.engine.process import run_engine_process
+    from server.serving.load_errors import ModelLoadError
+
+    try:
+        run_engine_process(settings_from(args), args.address)
+    except ModelLoadError as error:
+        raise CommandError(str(error)) from None
+    except zmq.ZMQError as error:
+        raise CommandError(f"cannot bind {args.address}: {error}", EXIT_USAGE) from None
+
+
 class ClientTarget(BaseSettings):
     """Where the client commands send requests when `--url` / `--api-key` are not given."""
 
@@ -347,6 +361,15 @@ def add_server_parsers(commands: Any) -> None:
     )
     add_settings_flags(worker_parser)
     worker_parser.set_defaults(func=worker)
+
+    engine_parser = commands.add_parser(
+        "engine", help="run the engine alone, for API processes started with `--engine-address` to share"
+    )
+    engine_parser.add_argument(
+        "--address", required=True, help="ZeroMQ address to bind, e.g. tcp://0.0.0.0:5555 or ipc:///run/engine.sock"
+    )
+    add_settings_flags(engine_parser)
+    engine_parser.set_defaults(func=engine)
 
     keys_parser = commands.add_parser("keys", help="manage API keys (only hashes are stored)")
     add_settings_flags(keys_parser)

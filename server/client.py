@@ -1,12 +1,14 @@
 """Typed Python client for the softserve HTTP API, sync (`SoftserveClient`) and async (`AsyncSoftserveClient`).
 
-Both build the same `httpx.Request`s (`_Calls`) and read responses the same way (`_read`); only the
-sending differs. Errors come back as `SoftserveError` with the server's status, code and message.
+Both build the same `httpx.Request`s (`_Calls`) and read responses the same way (`_read`, and
+`_GenerateEvents` for a streamed generate); only the sending differs. Errors come back as `SoftserveError`
+with the server's status, code and message.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, Union
 
@@ -45,12 +47,21 @@ class _Calls:
     def _make(self, method: str, path: str, **kwargs: Any) -> httpx.Request:
         return httpx.Request(method, self._base + path, headers=self._headers, **kwargs)
 
-    def generate(self, task_id: str, inputs: str | list[str], version: int | None, **parameters: Any) -> httpx.Request:
+    def generate(
+        self,
+        task_id: str,
+        inputs: str | list[str],
+        version: int | None,
+        parameters: dict[str, Any],
+        stream: bool = False,
+    ) -> httpx.Request:
         body: dict[str, Any] = {"task_id": task_id, "inputs": inputs}
         if version is not None:
             body["version"] = version
         if parameters:
             body["parameters"] = parameters
+        if stream:
+            body["stream"] = True
         return self._make("POST", "/v1/generate", json=body)
 
     def classify(
@@ -125,6 +136,40 @@ def _read(response: httpx.Response) -> Any:
     return response.content
 
 
+class _GenerateEvents:
+    """Reads a streamed generate's server-sent events line by line: each token event's data, then the final
+    event's; an `error` event raises. The status is 200 then: the error came after the stream began."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.status = response.status_code
+        self.ended = False
+        self._name = "message"
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> dict | None:
+        """The event a blank line completes (None for any other line)."""
+        if line:
+            field, _, value = line.partition(":")  # a line starting with ":" is a comment: field ""
+            value = value.removeprefix(" ")
+            if field == "event":
+                self._name = value
+            elif field == "data":
+                self._data.append(value)
+            return None
+        name, data = self._name, "\n".join(self._data)
+        self._name, self._data = "message", []
+        if not data:
+            return None
+        event = json.loads(data)
+        if name == "error":
+            raise SoftserveError(self.status, event["error"]["code"], event["error"]["message"])
+        self.ended = name == "end"
+        return event
+
+    def incomplete(self) -> SoftserveError:
+        return SoftserveError(self.status, "incomplete_stream", "the stream ended before its final event")
+
+
 class SoftserveClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60):
         self._calls = _Calls(base_url, api_key)
@@ -143,7 +188,30 @@ class SoftserveClient:
         return _read(self._http.send(request))
 
     def generate(self, task_id: str, inputs: str | list[str], version: int | None = None, **parameters: Any) -> dict:
-        return self._send(self._calls.generate(task_id, inputs, version, **parameters))
+        return self._send(self._calls.generate(task_id, inputs, version, parameters))
+
+    def generate_stream(
+        self, task_id: str, input: str, version: int | None = None, **parameters: Any
+    ) -> Iterator[dict]:
+        """Yields `{"index", "token": {"id", "text"}}` per token as the server decodes it, then the final
+        `{"task_id", "prompt_version", "finish_reason", "text", "num_tokens"}`. Leaving the loop early closes the
+        connection, and the server stops decoding the row. An error after the stream began raises `SoftserveError`
+        with status 200 and the error's code (`deadline_exceeded`...)."""
+        response = self._http.send(self._calls.generate(task_id, input, version, parameters, stream=True), stream=True)
+        try:
+            if response.is_error:
+                response.read()
+                _read(response)
+            events = _GenerateEvents(response)
+            for line in response.iter_lines():
+                event = events.feed(line)
+                if event is not None:
+                    yield event
+                if events.ended:
+                    return
+            raise events.incomplete()
+        finally:
+            response.close()
 
     def classify(
         self, task_id: str, inputs: str | list[str], labels: list[str] | None = None, length_normalize: bool = False
@@ -212,7 +280,28 @@ class AsyncSoftserveClient:
     async def generate(
         self, task_id: str, inputs: str | list[str], version: int | None = None, **parameters: Any
     ) -> dict:
-        return await self._send(self._calls.generate(task_id, inputs, version, **parameters))
+        return await self._send(self._calls.generate(task_id, inputs, version, parameters))
+
+    async def generate_stream(
+        self, task_id: str, input: str, version: int | None = None, **parameters: Any
+    ) -> AsyncIterator[dict]:
+        """As `SoftserveClient.generate_stream`; `aclose()` the iterator (or finish it) to close the connection."""
+        request = self._calls.generate(task_id, input, version, parameters, stream=True)
+        response = await self._http.send(request, stream=True)
+        try:
+            if response.is_error:
+                await response.aread()
+                _read(response)
+            events = _GenerateEvents(response)
+            async for line in response.aiter_lines():
+                event = events.feed(line)
+                if event is not None:
+                    yield event
+                if events.ended:
+                    return
+            raise events.incomplete()
+        finally:
+            await response.aclose()
 
     async def classify(
         self, task_id: str, inputs: str | list[str], labels: list[str] | None = None, length_normalize: bool = False

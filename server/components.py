@@ -11,6 +11,11 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, TypeVar
 
 from server.backend import Backend, open_backend
+from server.engine.client import EngineClient
+from server.engine.executor import EngineExecutor
+from server.engine.link import EngineLink
+from server.engine.scheduler import EngineLimits
+from server.engine.thread_link import ThreadLink
 from server.jobs.job_runner import JobRunner, Requeue
 from server.jobs.service import TrainingLimits, TrainingService, registry_publisher
 from server.metrics import BatcherMetrics, ServerMetrics, TrainingMetrics
@@ -19,6 +24,7 @@ from server.registry.service import PromptService
 from server.registry.sync import RegistrySync
 from server.serving.batch_runner import AnyWork, BatchRunner, WorkResult
 from server.serving.batcher import TenantFairBatcher
+from server.serving.executor import Executor, StaticExecutor
 from server.serving.limits import ServingLimits
 from server.serving.load_errors import ModelLoadError
 from server.serving.model import FrozenT5
@@ -46,7 +52,7 @@ class Components:
     model: FrozenT5
     backend: Backend
     registry: PromptRegistry
-    batcher: TenantFairBatcher[AnyWork, WorkResult]
+    executor: Executor
     inference: InferenceService
     training: TrainingService
     prompts: PromptService
@@ -58,9 +64,15 @@ class Components:
             return DEGRADED.format(problem=self.sync.problem)
         return None
 
+    def engine_down(self) -> str | None:
+        """Why this replica cannot serve inference now (its engine is down), or None."""
+        if isinstance(self.executor, EngineExecutor) and not self.executor.client.healthy:
+            return f"the engine is down: {self.executor.client.problem}"
+        return None
+
     async def stop(self) -> None:
         await self.training.stop()  # first: the in-process worker may be registering a prompt
-        await self.batcher.stop()
+        await self.executor.stop()
         if self.sync is not None:
             await self.sync.stop()
         await self.registry.stop()
@@ -95,6 +107,31 @@ def training_limits(settings: Settings) -> TrainingLimits:
         max_target_tokens="max_new_tokens",
         max_active_jobs="training_max_active_jobs",
     )
+
+
+def engine_limits(settings: Settings) -> EngineLimits:
+    return limits_of(settings, EngineLimits)
+
+
+def engine_link(settings: Settings, model: FrozenT5, model_given: bool) -> EngineLink:
+    """The engine runs in its own process unless `engine` is `thread`, or the app was built around a model
+    object (only this process has it)."""
+    if settings.engine == "thread" or model_given:
+        return ThreadLink(model, engine_limits(settings))
+    from server.engine.process_link import ProcessLink
+
+    return ProcessLink(settings)
+
+
+async def start_executor(settings: Settings, model: FrozenT5, metrics: ServerMetrics, model_given: bool) -> Executor:
+    if settings.scheduler == "static":
+        return StaticExecutor(await start_batcher(settings, model, metrics))
+    link = engine_link(settings, model, model_given)
+    if settings.warmup and isinstance(link, ThreadLink):
+        await asyncio.to_thread(model.warmup)
+    client = EngineClient(link, settings.max_queue_size, metrics)
+    await client.start()
+    return EngineExecutor(client, model)
 
 
 async def start_batcher(
@@ -142,6 +179,7 @@ def training_service(
 
 
 async def build_components(settings: Settings, metrics: ServerMetrics, model: FrozenT5 | None = None) -> Components:
+    model_given = model is not None
     if model is None:
         model = await asyncio.to_thread(FrozenT5.load, settings.model, settings.device, settings.dtype)
     model.use_cpu_threads(settings.cpu_threads)
@@ -158,7 +196,7 @@ async def build_components(settings: Settings, metrics: ServerMetrics, model: Fr
         if sync is not None:
             await sync.start(wait_s=REDIS_CONNECT_WAIT_S)
         await registry.preload()
-        batcher = await start_batcher(settings, model, metrics)
+        executor = await start_executor(settings, model, metrics, model_given)
     except BaseException:
         if sync is not None:
             await sync.stop()
@@ -168,12 +206,12 @@ async def build_components(settings: Settings, metrics: ServerMetrics, model: Fr
     rate_limits = TenantRateLimits(
         settings.rate_limit_requests_per_s, settings.rate_limit_tokens_per_s, backend.rate_limit_storage()
     )
-    inference = InferenceService(model, registry, batcher, limits, rate_limits)
+    inference = InferenceService(model, registry, executor, limits, rate_limits)
     quota = TaskQuota(registry, settings.max_tasks_per_tenant)
     training = training_service(settings, model, backend, registry, metrics.training, quota)
     await training.start()
     prompts = PromptService(model, registry, limits, quota)
-    return Components(settings, model, backend, registry, batcher, inference, training, prompts, sync)
+    return Components(settings, model, backend, registry, executor, inference, training, prompts, sync)
 
 
 @dataclass

@@ -97,10 +97,49 @@ class ServerMetrics:
             ),
             known.prompt_sources,
         )
+        self.engine = EngineMetrics(r)
         self.training = TrainingMetrics(r, known.job_states)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+LEAVE_REASONS = ("eos", "length", "non_finite", "cancelled", "deadline", "shutdown", "failed")
+
+
+class EngineMetrics:
+    """The continuous engine as this API process sees it (its own rows; an engine shared by several API
+    processes is the sum of theirs)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.time_to_first_token = Histogram(
+            "softserve_time_to_first_token_seconds",
+            "From a generate row's submission to its first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generated_tokens = Counter("softserve_generated_tokens_total", "Tokens generated", registry=r)
+        self.active_rows = Gauge("softserve_engine_active_rows", "Rows in the latest decoder step", registry=r)
+        self.waiting_rows = Gauge(
+            "softserve_engine_waiting_rows", "Generate rows waiting for a place in the decoder step", registry=r
+        )
+        self.step_duration = Histogram(
+            "softserve_decoder_step_duration_seconds", "Duration of one decoder step", buckets=STEP_BUCKETS, registry=r
+        )
+        self.rows_joined = Counter(
+            "softserve_engine_rows_joined_total", "Generate rows that joined the decoder step", registry=r
+        )
+        self.rows_left = zero_series(
+            Counter(
+                "softserve_engine_rows_left_total",
+                "Generate rows that left the decoder step (or the wait for it), by reason",
+                ["reason"],
+                registry=r,
+            ),
+            LEAVE_REASONS,
+        )
+        self.engine_up = Gauge("softserve_engine_up", "1 while the engine answers, 0 while it is down", registry=r)
 
 
 class TrainingMetrics:

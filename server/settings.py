@@ -39,7 +39,34 @@ class Settings(BaseSettings):
         "adds labels * its longest label); a request with one row above it is refused (422)",
     )
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
-    max_queue_size: int = Field(1024, ge=1, description="rows waiting before 503")
+    scheduler: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="`continuous`: rows join and leave the running batch at every decoder step (streaming needs "
+        "it); `static`: one `generate` call per batch, kept for comparison",
+    )
+    engine: Literal["process", "thread"] = Field(
+        "process",
+        description="where the continuous engine runs: its own process (`softserve serve` starts it), or a thread "
+        "of the API process (what an app built around a model object in Python always uses)",
+    )
+    engine_address: str = Field(
+        "",
+        description="ZeroMQ address of an engine started with `softserve engine` (several API processes may "
+        "share it); empty: the API process starts its own",
+    )
+    max_active_rows: int = Field(64, ge=1, description="rows in one decoder step; more wait for a place")
+    max_cached_tokens: int = Field(
+        131072,
+        ge=1,
+        description="encoder + decoder tokens (prompt + input + `max_new_tokens` per row) the active rows may hold; "
+        "admission waits beyond it, so memory stays bounded",
+    )
+    max_queue_size: int = Field(
+        1024,
+        ge=1,
+        description="rows in flight before 503: waiting for or in the decoder step (continuous), waiting for a "
+        "batch (static)",
+    )
     prompt_cache_mb: float = Field(512.0, gt=0, description="device prompt cache budget")
     preload_tasks: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -29,6 +29,9 @@ SCRIPTS = [
     "many_prompts",
     "overload",
     "train_vs_peft",
+    "continuous_vs_static",
+    "decode_vs_generate",
+    "goodput",
 ]
 
 

@@ -227,9 +227,9 @@ def test_label_scoring_is_chunked_so_one_call_holds_bounded_logits(tiny: FrozenT
 
 
 def test_rows_of_a_client_that_left_stop_using_the_model_at_the_next_group(tmp_path: Path, tiny: FrozenT5) -> None:
-    """Seeded sampled rows run one per group: 8 rows are 8 model calls in one batch. The client leaves once the
+    """Static scheduler: seeded sampled rows run one per group: 8 rows are 8 model calls in one batch. The client leaves once the
     batch has started; the groups after the one running are skipped (and that one stops at its next step)."""
-    with serving(tmp_path, tiny, max_batch_size=8) as client:
+    with serving(tmp_path, tiny, max_batch_size=8, scheduler="static") as client:
         upload(client, "long", long_prompt(tiny))
         with pending_request(client, "/v1/generate", generate_body("long", [LONG_INPUT] * 8, **LONG_SAMPLE)):
             wait_for_metric(client, "softserve_queue_wait_seconds_count", 8)  # all 8 rows are in the running batch
@@ -261,7 +261,8 @@ def test_a_request_over_a_whole_second_of_token_budget_is_422_and_costs_are_char
 
 
 def test_a_full_queue_sheds_before_the_body_is_read_and_only_when_full(tmp_path: Path, tiny: FrozenT5) -> None:
-    with serving(tmp_path, tiny, max_batch_size=4, max_queue_size=4) as client:
+    """Static scheduler (see tests/test_engine_http.py for the continuous engine's shedding)."""
+    with serving(tmp_path, tiny, max_batch_size=4, max_queue_size=4, scheduler="static") as client:
         upload(client, "long", long_prompt(tiny))
         with pending_request(client, "/v1/generate", generate_body("long", [LONG_INPUT] * 4, **LONG_SAMPLE)):
             wait_for_metric(client, "softserve_queue_wait_seconds_count", 4)  # the model thread is busy with them

@@ -79,7 +79,8 @@ def test_a_flooding_tenant_does_not_starve_a_quiet_one(tmp_path: Path) -> None:
     waits up to `max_wait_ms` to fill a batch; under load batches fill at once)."""
     # One model thread: on two shared cores the flood's HTTP work and the model's threads would otherwise
     # fight over the cores and the latencies would measure that, not the batcher.
-    flags = ("--max-batch-size", "16", "--max-wait-ms", "25", "--max-queue-size", "4096", "--cpu-threads", "1")
+    flags = ("--max-batch-size", "16", "--max-active-rows", "16", "--max-wait-ms", "25", "--max-queue-size", "4096")
+    flags += ("--cpu-threads", "1")
     admin = {"Authorization": f"Bearer {ApiKeys(tmp_path / 'api_keys.json').add('ops', admin=True)}"}  # acts as both
     with server_process(tmp_path, *flags) as (_, url):
         upload(url, "a-task", 1, {"X-Softserve-Tenant": "flooder", **admin})

@@ -21,15 +21,20 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", responses={503: {"description": "starting, draining or failed"}})
+@router.get("/ready", responses={503: {"description": "starting, draining, failed, or the engine is down"}})
 async def ready(request: Request) -> JSONResponse:
     """200 "ready"; 200 "degraded" while Redis is down (this replica still serves from its cache and the
     disk mirror, so a load balancer must keep it: 503 on every replica at once would turn a Redis outage
-    into a full one); 503 while starting, draining or failed."""
+    into a full one); 503 while starting, draining or failed, and while the engine is down (it is restarted;
+    its rows in flight got 503)."""
     lifecycle = request.app.state.lifecycle
     phase, reason = lifecycle.phase, lifecycle.reason
-    degraded = lifecycle.components.degraded() if phase == "ready" and lifecycle.components is not None else None
-    if degraded:
+    components = lifecycle.components if phase == "ready" else None
+    engine_down = components.engine_down() if components is not None else None
+    degraded = components.degraded() if components is not None else None
+    if engine_down:
+        phase, reason = "engine_down", engine_down
+    elif degraded:
         phase, reason = "degraded", degraded
     body: dict[str, Any] = {"status": phase}
     if reason:

@@ -68,7 +68,10 @@ class GenerateWork(Work[Generation]):
     def group_key(self, index: int) -> Hashable:
         decoding = self.decoding
         if not decoding.do_sample and decoding.num_beams == 1:
-            return ("greedy",)  # per-row max_new_tokens is exact here: rows are cut to their own limit
+            return (
+                "greedy",
+                decoding.ignore_eos,
+            )  # per-row max_new_tokens is exact here: rows are cut to their own limit
         if decoding.do_sample and decoding.seed is not None:
             return ("seeded", index)
         return ("decode", decoding, self.max_new_tokens)
@@ -77,7 +80,7 @@ class GenerateWork(Work[Generation]):
     def run_group(cls, model: FrozenT5, works: Sequence[Self]) -> list[Generation | Exception]:
         limits = [work.max_new_tokens for work in works]
         generations = model.generate([work.row for work in works], works[0].decoding, limits)
-        return [_non_finite() if g.finish_reason == NON_FINITE else g for g in generations]
+        return [non_finite_error() if g.finish_reason == NON_FINITE else g for g in generations]
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ class ClassifyWork(Work[list[float]]):
     @classmethod
     def run_group(cls, model: FrozenT5, works: Sequence[Self]) -> list[list[float] | Exception]:
         scores = model.score([work.row for work in works], [work.targets for work in works])
-        return [s if all(map(math.isfinite, s)) else _non_finite() for s in scores]
+        return [s if all(map(math.isfinite, s)) else non_finite_error() for s in scores]
 
 
 log = logging.getLogger(__name__)
@@ -174,7 +177,7 @@ class BatchRunner:
         return works[0].run_group(self.model, works)
 
 
-def _non_finite() -> NonFiniteScores:
+def non_finite_error() -> NonFiniteScores:
     return NonFiniteScores(
         "the model's scores for this input are not finite (inf or nan), so it cannot be decoded or ranked: "
         "the task's prompt values or the sampling settings overflow; other inputs are not affected"

@@ -68,6 +68,7 @@ class Decoding:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # end-of-sequence is never chosen: rows run to their `max_new_tokens`
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,17 @@ class SuppressUndecodable(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scores[:, self.first_invalid_id :] = float("-inf")
+        return scores
+
+
+class BanToken(LogitsProcessor):
+    """Never chooses one id (end-of-sequence, for rows that ignore it)."""
+
+    def __init__(self, token_id: int) -> None:
+        self.token_id = token_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores[:, self.token_id] = float("-inf")
         return scores
 
 
@@ -254,6 +266,8 @@ class FrozenT5:
         """transformers' own order (suppression, then temperature, top-k, top-p), with the guard last: the
         library would put its sampling warpers after any processor passed in, where they could still overflow."""
         processors = LogitsProcessorList(self._suppress)
+        if decoding.ignore_eos:
+            processors.append(BanToken(self.eos_token_id))
         if decoding.do_sample:
             keep = 2 if decoding.num_beams > 1 else 1  # beam sampling keeps a token besides end-of-sequence
             if decoding.temperature != 1.0:
@@ -266,6 +280,11 @@ class FrozenT5:
 
     def _rng_devices(self) -> list[torch.device]:
         return [self.device] if self.device.type == "cuda" else []
+
+    def finished(self, tokens: list[int], reason: str) -> Generation:
+        """A row the engine ended: its new tokens (EOS last when it ended the row) and their text."""
+        text_ids = tokens[:-1] if reason == "eos" else tokens
+        return Generation(tokens, self.tokenizer.decode(text_ids, skip_special_tokens=True), reason)
 
     def _finish(self, tokens: list[int], max_new_tokens: int) -> Generation:
         tokens = tokens[:max_new_tokens]

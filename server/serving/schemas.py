@@ -28,6 +28,9 @@ class GenerateParameters(StrictModel):
     )
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    ignore_eos: bool = Field(
+        False, description="go on past end-of-sequence until `max_new_tokens` (benchmarks: lengths exactly as asked)"
+    )
 
 
 def unicode_texts(texts: str | list[str] | None) -> str | list[str] | None:
@@ -50,6 +53,9 @@ class GenerateRequest(TextRequest):
     inputs: str | list[str] = Field(description="one input, or a list (each is one batch row)")
     version: int | None = Field(None, ge=1, description="pin a prompt version; default: the active one")
     parameters: GenerateParameters | None = None
+    stream: bool = Field(
+        False, description="answer `text/event-stream`: one event per token, then a final event (one input only)"
+    )
 
 
 class GenerateOutput(BaseModel):

@@ -1,4 +1,4 @@
-"""`InferenceService`: the hot path between a validated request and the batcher.
+"""`InferenceService`: the hot path between a validated request and the executor (engine or batcher).
 
 Checks what the request alone decides (row count, sizes), then whether the queue has room; resolves
 the task's prompt; bounds the templated text before building it; templates and tokenizes in a worker
@@ -12,18 +12,19 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar, cast
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
 from pydantic import ValidationError
 
 from prompt_store.records import INPUT_PLACEHOLDER
 from server.errors import ClientDisconnected, DeadlineExceeded, InvalidInput
 from server.registry.registry import PromptRegistry, ResolvedPrompt
-from server.serving.batch_runner import AnyWork, ClassifyWork, GenerateWork, Work, WorkResult
-from server.serving.batcher import TenantFairBatcher
+from server.serving.batch_runner import AnyWork, ClassifyWork, GenerateWork, Work
+from server.serving.executor import Executor
 from server.serving.limits import ServingLimits
-from server.serving.model import Decoding, FrozenT5, Row
+from server.serving.model import Decoding, FrozenT5, Generation, Row
 from server.serving.schemas import (
     MAX_LABELS,
     ClassifyOutput,
@@ -40,18 +41,31 @@ ClientGone = Callable[[], Awaitable[None]]
 R = TypeVar("R")
 
 
+class Streaming(Protocol):
+    """A streamed row: iterating yields its tokens (`index`, `token_id`, `text`), then `result` is set."""
+
+    result: Generation | None
+
+    def __aiter__(self) -> AsyncGenerator[Any, None]: ...
+
+
+@runtime_checkable
+class StreamingExecutor(Executor, Protocol):
+    def open_stream(self, work: GenerateWork, tenant: str, deadline: float) -> Streaming: ...
+
+
 class InferenceService:
     def __init__(
         self,
         model: FrozenT5,
         registry: PromptRegistry,
-        batcher: TenantFairBatcher[AnyWork, WorkResult],
+        executor: Executor,
         limits: ServingLimits,
         rate_limits: TenantRateLimits,
     ) -> None:
         self.model = model
         self.registry = registry
-        self.batcher = batcher
+        self.executor = executor
         self.limits = limits
         self.rate_limits = rate_limits
         self.max_chars = limits.max_chars
@@ -61,6 +75,29 @@ class InferenceService:
     async def generate(
         self, tenant: str, request: GenerateRequest, client_gone: ClientGone | None = None
     ) -> GenerateResponse:
+        resolved, works = await self._generate_works(tenant, request)
+        results = await self._run(works, tenant, client_gone)
+        outputs = [
+            GenerateOutput(text=g.text, num_tokens=len(g.token_ids), finish_reason=g.finish_reason) for g in results
+        ]
+        return GenerateResponse(task_id=request.task_id, prompt_version=resolved.version, outputs=outputs)
+
+    async def generate_stream(self, tenant: str, request: GenerateRequest) -> tuple[int, Streaming]:
+        """Checks and admits a one-input request like `generate`, then hands back the prompt version and the
+        row's token stream (its consumer stopping early cancels the row)."""
+        if not isinstance(self.executor, StreamingExecutor):
+            raise InvalidInput("streaming needs the continuous scheduler (this server runs `--scheduler static`)")
+        inputs = request.inputs
+        if isinstance(inputs, list) and len(inputs) != 1:
+            raise InvalidInput(f"a streamed request carries exactly one input ({len(inputs)} given)")
+        resolved, works = await self._generate_works(tenant, request)
+        (work,) = works
+        if work.decoding.num_beams > 1:
+            raise InvalidInput("beam search cannot stream: use num_beams 1, or a request without `stream`")
+        await self._admit(works, tenant)
+        return resolved.version, self.executor.open_stream(work, tenant, self._deadline())
+
+    async def _generate_works(self, tenant: str, request: GenerateRequest) -> tuple[ResolvedPrompt, list[GenerateWork]]:
         texts = self._admissible_texts(request.inputs)
         resolved = await self.registry.resolve(tenant, request.task_id, request.version)
         params = self._parameters(resolved, request.parameters)
@@ -70,15 +107,11 @@ class InferenceService:
             temperature=params.temperature,
             top_p=params.top_p,
             seed=params.seed,
+            ignore_eos=params.ignore_eos,
         )
         task = (tenant, request.task_id)
         rows, _ = await self._tokenized(resolved, texts)
-        works = [GenerateWork(row, task, decoding, params.max_new_tokens) for row in rows]
-        results = await self._run(works, tenant, client_gone)
-        outputs = [
-            GenerateOutput(text=g.text, num_tokens=len(g.token_ids), finish_reason=g.finish_reason) for g in results
-        ]
-        return GenerateResponse(task_id=request.task_id, prompt_version=resolved.version, outputs=outputs)
+        return resolved, [GenerateWork(row, task, decoding, params.max_new_tokens) for row in rows]
 
     async def classify(
         self, tenant: str, request: ClassifyRequest, client_gone: ClientGone | None = None
@@ -106,7 +139,7 @@ class InferenceService:
         if len(texts) > self.limits.max_inputs_per_request:
             raise InvalidInput(f"{len(texts)} inputs in one request; the limit is {self.limits.max_inputs_per_request}")
         self._check_chars(texts, "input")
-        self.batcher.check_room(len(texts))
+        self.executor.check_room(len(texts))
         return texts
 
     def _admissible_labels(self, labels: list[str] | None) -> list[str]:
@@ -187,16 +220,21 @@ class InferenceService:
                     "fewer beams or a shorter input"
                 )
 
+    def _deadline(self) -> float:
+        return time.monotonic() + self.limits.request_timeout_s
+
+    async def _admit(self, works: Sequence[AnyWork], tenant: str) -> None:
+        self._check_costs(works)
+        await self.rate_limits.admit(tenant, sum(work.cost for work in works))  # what it puts into model calls
+
     async def _run(self, works: Sequence[Work[R]], tenant: str, client_gone: ClientGone | None) -> list[R]:
         """Waits for the rows, the deadline, or the client leaving, whichever comes first.
 
-        When the request ends for any reason its rows are marked abandoned: rows still queued are dropped, and
-        the model thread stops spending work on rows already taken (at the next group, or the next step).
+        When the request ends for any reason its rows still queued or running are abandoned: the executor drops
+        them (queued), or stops spending work on them at the next group or step.
         """
-        self._check_costs(works)
-        costs = [work.cost for work in works]
-        await self.rate_limits.admit(tenant, sum(costs))  # what the request puts into model calls, in full
-        futures = self.batcher.submit(works, costs, tenant)
+        await self._admit(works, tenant)
+        futures = self.executor.submit(works, tenant, self._deadline())
         results = asyncio.gather(*futures)
         watchers: set[asyncio.Future[Any]] = {results}
         gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
@@ -207,17 +245,16 @@ class InferenceService:
                 watchers, timeout=self.limits.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
             )
             if results in done:
-                # A `Work[R]`'s row gets an `R`: the batch runner runs each work with its own kind's model call.
+                # A `Work[R]`'s row gets an `R`: the executor runs each work with its own kind's model call.
                 return cast("list[R]", results.result())
             if gone is not None and gone in done:
                 raise ClientDisconnected("the client closed the connection")
             raise DeadlineExceeded(f"the request did not finish within {self.limits.request_timeout_s:g} s")
         finally:
-            for work in works:
-                work.row.abandoned.set()
+            self.executor.abandon(works, futures)
             if gone is not None:
                 gone.cancel()
-            results.cancel()  # cancels rows still queued; a no-op once done
+            results.cancel()
 
 
 def _classify_output(labels: list[str], scores: list[float]) -> ClassifyOutput:

@@ -1,0 +1,311 @@
+"""The engine in its own process, serving any number of API processes over ZeroMQ.
+
+    API process (ProcessLink, DEALER) ──┐                 ┌── I/O thread: ROUTER + Poller, `ClientTable`
+    API process (ProcessLink, DEALER) ──┼── ROUTER ◀─────▶│        ▲ wake (inproc PUSH/PULL) + outbox
+    ...                                 ┘                 └── engine thread: `Engine.run` → emit
+
+Sockets are not thread-safe, so each has one thread: the ROUTER and the wake PULL belong to the I/O thread (the
+main one), the wake PUSH to the engine thread, which puts each pass's events in an outbox queue and pokes the
+I/O thread. Only the I/O thread touches the `ClientTable`.
+
+Clients: each API process is one DEALER, known by its routing id. Its request ids are its own; the table maps
+(client, request id) to a process-wide id for the engine and each event back. A client pings every
+`HEARTBEAT_S` and is answered `Hello`; one silent for `CLIENT_TIMEOUT_S`, or that cannot be sent to any more
+(ROUTER_MANDATORY), is forgotten and its rows cancelled. A message from a client the engine does not know (it
+was forgotten, or this engine restarted) is answered `Hello(known=False)`: its rows are lost, and it says so
+upward and reconnects.
+
+The socket is bound only once the model is loaded and warmed up, so a `Hello` means ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+
+import zmq
+
+from server.components import engine_limits
+from server.engine.protocol import Cancel, Event, Failed, Finished, Generated, GenerateRow, Scores, StepStats
+from server.engine.scheduler import Engine
+from server.engine.wire import EventBatch, Hello, Message, Ping, Submit, WireError, decode, encode
+from server.serving.load_errors import ModelLoadError
+from server.serving.model import FrozenT5
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 0.5  # how often a client pings (and so how often it hears the engine)
+CLIENT_TIMEOUT_S = 5.0  # a client silent this long is gone: its rows are cancelled
+SETTINGS_VARIABLE = "SOFTSERVE_ENGINE_SETTINGS_JSON"  # the spawning API process's settings, exactly
+FINAL = (Finished, Scores, Generated, Failed)
+Identity = bytes
+Outgoing = list[tuple[Identity, Message]]
+
+
+@dataclass
+class Client:
+    last_seen: float
+    rows: dict[int, int] = field(default_factory=dict)  # the client's request id -> the engine's
+
+
+@dataclass(frozen=True)
+class Owner:
+    identity: Identity
+    request_id: int  # the client's
+    says_cancelled: bool  # a cancelled generate row ends with `Finished`; a classify or beam row ends silently
+
+
+class ClientTable:
+    """Who is connected, and which engine row is whose. Returns what to send; sends nothing itself."""
+
+    def __init__(self, engine: Engine, engine_id: str) -> None:
+        self.engine = engine
+        self.engine_id = engine_id
+        self.clients: dict[Identity, Client] = {}
+        self.owners: dict[int, Owner] = {}  # by engine id, until the row's last event
+        self._ids = itertools.count(1)
+
+    def receive(self, identity: Identity, message: Message, now: float) -> Outgoing:
+        client = self.clients.get(identity)
+        if client is None and isinstance(message, Ping) and message.new:
+            client = self.clients[identity] = Client(now)
+        if client is None:
+            return [(identity, Hello(self.engine_id, known=False))]
+        client.last_seen = now
+        if isinstance(message, Ping):
+            return [(identity, Hello(self.engine_id, known=True))]
+        if isinstance(message, Cancel):
+            self._cancel(client, message.request_ids)
+        elif isinstance(message, Submit):
+            return self._submit(identity, client, message)
+        return []
+
+    def _submit(self, identity: Identity, client: Client, message: Submit) -> Outgoing:
+        requests, refused = [], []
+        for request in message.requests:
+            if request.request_id in client.rows:
+                refused.append(Failed(request.request_id, "invalid_input", "this request id is already in flight"))
+                continue
+            engine_id = next(self._ids)
+            client.rows[request.request_id] = engine_id
+            self.owners[engine_id] = Owner(identity, request.request_id, isinstance(request, GenerateRow))
+            requests.append(replace(request, request_id=engine_id))
+        self.engine.submit(requests)
+        return [(identity, EventBatch(refused, StepStats()))] if refused else []
+
+    def _cancel(self, client: Client, request_ids: list[int]) -> None:
+        engine_ids = [client.rows[i] for i in request_ids if i in client.rows]
+        for engine_id in engine_ids:
+            owner = self.owners[engine_id]
+            if not owner.says_cancelled:  # no last event will come to end its entries
+                del self.owners[engine_id], client.rows[owner.request_id]
+        self.engine.cancel(engine_ids)
+
+    def route(self, events: list[Event], stats: StepStats) -> Outgoing:
+        """Each client gets its own events, renamed to its ids, and the pass's stats if it had rows in it."""
+        batches: dict[Identity, list[Event]] = {identity: [] for identity, c in self.clients.items() if c.rows}
+        for event in events:
+            owner = self.owners.get(event.request_id)
+            if owner is None:
+                continue  # its client is gone
+            if isinstance(event, FINAL):
+                del self.owners[event.request_id], self.clients[owner.identity].rows[owner.request_id]
+            batches.setdefault(owner.identity, []).append(replace(event, request_id=owner.request_id))
+        return [(identity, EventBatch(batch, stats)) for identity, batch in batches.items()]
+
+    def forget(self, identity: Identity, why: str) -> None:
+        """The client is gone: its rows are cancelled, and their last events, when they come, go nowhere."""
+        client = self.clients.pop(identity, None)
+        if client is None:
+            return
+        log.warning("client %s is gone (%s): cancelling its %d row(s)", identity.hex(), why, len(client.rows))
+        for engine_id in client.rows.values():
+            del self.owners[engine_id]
+        self.engine.cancel(list(client.rows.values()))
+
+    def forget_silent(self, now: float) -> None:
+        for identity, client in list(self.clients.items()):
+            if now - client.last_seen > CLIENT_TIMEOUT_S:
+                self.forget(identity, f"silent for {now - client.last_seen:.1f} s")
+
+
+class Outbox:
+    """The engine thread's side: each pass's events go into a queue, and a wake-up to the I/O thread."""
+
+    def __init__(self, wake: zmq.Socket) -> None:
+        self.batches: queue.SimpleQueue[tuple[list[Event], StepStats]] = queue.SimpleQueue()
+        self._wake = wake
+
+    def emit(self, events: list[Event], stats: StepStats) -> None:
+        self.batches.put((events, stats))
+        # Wake-ups already queued (Again) are enough: the I/O thread drains every batch on the next one.
+        with contextlib.suppress(zmq.Again):
+            self._wake.send(b"", zmq.NOBLOCK)
+
+    def drain(self) -> list[tuple[list[Event], StepStats]]:
+        taken = []
+        while not self.batches.empty():
+            taken.append(self.batches.get_nowait())
+        return taken
+
+
+class EngineServer:
+    """The I/O thread: the ROUTER, the wake-ups from the engine thread, and the client table."""
+
+    def __init__(self, router: zmq.Socket, table: ClientTable, outbox: Outbox, wake: zmq.Socket) -> None:
+        self.router = router
+        self.table = table
+        self.outbox = outbox
+        self.wake = wake
+
+    def serve(self, stop: threading.Event, parent_pid: int | None) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.wake, zmq.POLLIN)
+        while not stop.is_set():
+            ready = dict(poller.poll(HEARTBEAT_S * 1000))
+            now = time.monotonic()
+            if self.router in ready:
+                self._receive_all(now)
+            if self.wake in ready:
+                self._drain_wake()
+                self.flush()
+            self.table.forget_silent(now)
+            if parent_pid is not None and os.getppid() != parent_pid:
+                log.error("the API process that started this engine is gone: stopping")
+                stop.set()
+
+    def flush(self) -> None:
+        for events, stats in self.outbox.drain():
+            self._send(self.table.route(events, stats))
+
+    def close(self) -> None:
+        self.router.close()
+
+    def _receive_all(self, now: float) -> None:
+        while True:
+            try:
+                identity, *frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = decode(frames)
+            except WireError as error:
+                log.warning("dropped a message from %s: %s", identity.hex(), error)
+                continue
+            self._send(self.table.receive(identity, message, now))
+
+    def _drain_wake(self) -> None:
+        while True:
+            try:
+                self.wake.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+
+    def _send(self, outgoing: Outgoing) -> None:
+        for identity, message in outgoing:
+            try:
+                self.router.send_multipart([identity, *encode(message)], zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as error:  # EHOSTUNREACH: it disconnected
+                self.table.forget(identity, str(error))
+
+
+def bind_router(context: zmq.Context, address: str) -> zmq.Socket:
+    """Raises `zmq.ZMQError` for an address that cannot be bound (in use, malformed)."""
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone client raises instead of being dropped silently
+    router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client that reconnects keeps its identity
+    router.setsockopt(zmq.SNDHWM, 0)  # clients read all the time; their rows bound what waits
+    router.setsockopt(zmq.LINGER, 1000)
+    router.bind(address)
+    return router
+
+
+def load_model(settings: Settings) -> FrozenT5:
+    model = FrozenT5.load(settings.model, settings.device, settings.dtype)
+    model.use_cpu_threads(settings.cpu_threads)
+    if settings.warmup:
+        model.warmup()
+    return model
+
+
+def run_engine_process(settings: Settings, address: str, parent_pid: int | None = None) -> None:
+    """Loads the model, then serves clients at `address` until SIGTERM or SIGINT (or, given `parent_pid`, until
+    that process is gone). Raises `zmq.ZMQError` when `address` cannot be bound (before the model loads) and
+    `ModelLoadError` when the model cannot load; exits with an error when the engine loop fails (the API process
+    then restarts an engine it started).
+
+    The address is bound first, but nothing is read from it before the model is ready: clients that connect
+    meanwhile hear their first `Hello` only then."""
+    context = zmq.Context()
+    try:
+        router = bind_router(context, address)
+        model = load_model(settings)
+    except BaseException:
+        context.destroy(linger=0)
+        raise
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+    wake_address = f"inproc://wake-{uuid.uuid4().hex}"
+    wake_in, wake_out = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+    wake_in.bind(wake_address)
+    wake_out.connect(wake_address)
+    outbox = Outbox(wake_out)
+    engine = Engine(model, engine_limits(settings), outbox.emit)
+    engine_id = uuid.uuid4().hex
+    server = EngineServer(router, ClientTable(engine, engine_id), outbox, wake_in)
+    failure: list[BaseException] = []
+    thread = threading.Thread(target=_run_engine, args=(engine, stop, failure), name="softserve-engine")
+    thread.start()
+    log.info("engine %s ready at %s (model %s on %s)", engine_id[:8], address, model.model_id, model.device)
+    try:
+        server.serve(stop, parent_pid)
+    finally:
+        stop.set()
+        thread.join()
+        server.flush()  # the rows that ended with the loop (`shutdown`) tell their clients
+        server.close()
+        context.destroy(linger=1000)
+    if failure:
+        raise SystemExit(f"error: the engine loop failed: {type(failure[0]).__name__}: {failure[0]}")
+
+
+def _run_engine(engine: Engine, stop: threading.Event, failure: list[BaseException]) -> None:
+    try:
+        engine.run(stop)
+    except BaseException as error:
+        log.exception("the engine loop failed")
+        failure.append(error)
+        stop.set()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The child an API process starts: its settings come whole from `SOFTSERVE_ENGINE_SETTINGS_JSON`."""
+    parser = argparse.ArgumentParser(prog="python -m server.engine.process")
+    parser.add_argument("--address", required=True, help="ZeroMQ address to bind (ipc:// or tcp://)")
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit once this process is gone")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.model_validate_json(os.environ[SETTINGS_VARIABLE])
+    try:
+        run_engine_process(settings, args.address, args.parent_pid)
+    except ModelLoadError as error:
+        print(f"error: {error}", file=sys.stderr)  # the last line, which the API process reports
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The continuous engine over real HTTP (the app with the `tiny` model, the engine in a thread): shedding,
+deadlines, bounded memory, and classify requests that do not wait behind long generations."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from server.serving.model import FrozenT5
+from tests.conftest import random_prompt
+from tests.test_hostile_inference import (
+    JSON,
+    error,
+    generate_body,
+    pending_request,
+    read_response,
+    serving,
+    wait_for_metric,
+)
+from tests.test_inference_api import upload
+from tests.training import metric
+
+LONG = {"max_new_tokens": 256, "ignore_eos": True}
+
+
+def test_a_full_engine_sheds_before_the_body_is_read(tmp_path: Path, tiny: FrozenT5) -> None:
+    with serving(tmp_path, tiny, max_queue_size=4) as client:
+        upload(client, "t", random_prompt(5, tiny.d_model, seed=1))
+        with pending_request(client, "/v1/generate", generate_body("t", ["x"] * 4, **LONG)):
+            wait_for_metric(client, "softserve_engine_active_rows", 4)
+            with pending_request(client, "/v1/classify", b"", declared_length=10**6) as bodiless:
+                shed = read_response(bodiless)  # answered though its body never comes
+            assert shed.status == 503 and int(shed.getheader("Retry-After", "0")) >= 1
+            assert json.loads(shed.read())["error"]["code"] == "overloaded"
+        wait_for_metric(client, "softserve_engine_active_rows", 0)  # the client left: its rows left too
+        assert metric(client.get("/metrics").text, "softserve_engine_rows_left_total", reason="cancelled") == 4
+        body = {"task_id": "t", "inputs": ["x"] * 5}
+        assert "this server queues at most 4" in error(
+            client.post("/v1/generate", json=body), 422
+        )  # never servable: 422
+        assert client.post("/v1/generate", json={"task_id": "t", "inputs": ["x"] * 4}).status_code == 200
+
+
+def test_a_deadline_mid_generation_is_504_and_the_row_leaves(tmp_path: Path, tiny: FrozenT5) -> None:
+    with serving(tmp_path, tiny, request_timeout_s=0.5, max_new_tokens=8192, max_beam_tokens=8192) as client:
+        upload(client, "t", random_prompt(5, tiny.d_model, seed=1))
+        parameters = {"max_new_tokens": 8192, "ignore_eos": True}  # seconds of steps, far past the deadline
+        started = time.monotonic()
+        response = client.post("/v1/generate", json={"task_id": "t", "inputs": ["x"] * 8, "parameters": parameters})
+        assert response.status_code == 504, response.text
+        assert time.monotonic() - started < 5
+        wait_for_metric(client, "softserve_engine_active_rows", 0)
+        text = client.get("/metrics").text
+        left = sum(
+            metric(text, "softserve_engine_rows_left_total", reason=reason) for reason in ("deadline", "cancelled")
+        )
+        assert left == 8
+        assert metric(text, "softserve_engine_rows_left_total", reason="length") == 0
+
+
+def test_many_long_requests_wait_for_memory_and_all_finish(tmp_path: Path, tiny: FrozenT5) -> None:
+    """Cached tokens for about two rows at a time: 12 long requests queue for room, none fails."""
+    prompt = random_prompt(5, tiny.d_model, seed=1)
+    row_tokens = 5 + len(tiny.tokenize(["some input"])[0]) + 64
+    with serving(tmp_path, tiny, max_cached_tokens=2 * row_tokens + 1) as client:
+        upload(client, "t", prompt)
+        body = {"task_id": "t", "inputs": "some input", "parameters": {"max_new_tokens": 64, "ignore_eos": True}}
+        with ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(lambda _: client.post("/v1/generate", json=body), range(12)))
+        assert [r.status_code for r in responses] == [200] * 12
+        assert all(r.json()["outputs"][0]["num_tokens"] == 64 for r in responses)
+        text = client.get("/metrics").text
+        assert metric(text, "softserve_batch_size_bucket", le="2.0") == metric(text, "softserve_batch_size_count")
+
+
+def test_classify_does_not_wait_behind_long_generations(tmp_path: Path, tiny: FrozenT5) -> None:
+    """A classify request while long generations run takes at most about one decoder step more than idle:
+    within 2x its idle latency (a ratio on one machine, medians of 15)."""
+    with serving(tmp_path, tiny, cpu_threads=1) as client:
+        upload(client, "t", random_prompt(5, tiny.d_model, seed=1))
+        classify = {"task_id": "t", "inputs": "a fine film", "labels": ["positive", "negative"]}
+
+        def latencies(count: int) -> list[float]:
+            seen = []
+            for _ in range(count):
+                started = time.perf_counter()
+                assert client.post("/v1/classify", json=classify).status_code == 200
+                seen.append(time.perf_counter() - started)
+            return seen
+
+        latencies(3)
+        idle = statistics.median(latencies(15))
+        long_body = {"task_id": "t", "inputs": ["some long input text"] * 8, "parameters": LONG}
+        with httpx.Client(base_url=client.base_url, timeout=120) as other, ThreadPoolExecutor(1) as pool:
+            generation = pool.submit(other.post, "/v1/generate", json=long_body, headers=JSON)
+            wait_for_metric(client, "softserve_engine_active_rows", 8)
+            busy = statistics.median(latencies(15))
+            assert metric(client.get("/metrics").text, "softserve_engine_active_rows") == 8  # still generating
+            assert generation.result().status_code == 200
+        assert busy <= 2 * idle, f"idle median {idle * 1000:.1f} ms, busy {busy * 1000:.1f} ms"
