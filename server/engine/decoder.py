@@ -14,6 +14,7 @@ row's logits match `model.generate` within rounding and its greedy tokens are th
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import T5ForConditionalGeneration
 from transformers.activations import ACT2FN
 from transformers.models.t5.modeling_t5 import T5Attention
@@ -168,11 +169,10 @@ class LeanDecoder:
         return (x @ self.lm_head.T)[:, 0]
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """T5 attention: no scaling, the position bias (and mask) added to the scores; one fused call."""
         if q.dim() == 3:  # [n, heads, head_dim] -> [n, heads, 1, head_dim]
             q = q.unsqueeze(2)
-        scores = (q @ keys.transpose(-1, -2)) + bias
-        weights = torch.softmax(scores, dim=-1)
-        out = weights @ values  # [n, heads, 1, head_dim]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=1.0)  # [n, heads, 1, head_dim]
         return out.transpose(1, 2).reshape(q.shape[0], 1, self.heads * self.head_dim)
 
     def _self_bias(self, positions: torch.Tensor, width: int) -> torch.Tensor:
