@@ -1,7 +1,7 @@
 """`softserve` command line.
 
-`serve`, `worker` and `keys` flags are the settings fields (`--max-batch-size` = `max_batch_size`); flags win
-over `SOFTSERVE_*` variables, which win over a `.env` file in the working directory. `prompts`, `train` and
+`serve`, `engine`, `worker` and `keys` flags are the settings fields (`--max-batch-size` = `max_batch_size`); flags
+win over `SOFTSERVE_*` variables, which win over a `.env` file in the working directory. `prompts`, `train` and
 `jobs` talk to a running server: `--url` / `--api-key` (before or after the subcommand), else `SOFTSERVE_URL` /
 `SOFTSERVE_API_KEY` (environment or `.env`). Every failure a user can cause ends in one `error: ...` line on
 stderr and a non-zero exit, never a traceback.
