@@ -122,6 +122,16 @@ class DiskStore:
             self._write_record(record)
             return record
 
+    def set_ensemble(self, tenant: str, task_id: str, versions: list[int]) -> TaskRecord:
+        with self._lock:
+            record = self.get_task(tenant, task_id)
+            missing = next((v for v in versions if record.version_info(v) is None), None)
+            if missing is not None:
+                raise VersionNotFound(task_id, missing)
+            record = record.model_copy(update={"ensemble": list(versions), "updated_at": time.time()})
+            self._write_record(record)
+            return record
+
     def _version_files(self, tenant: str, task_id: str) -> dict[int, Path]:
         files = {}
         for path in self._task_dir(tenant, task_id).glob("v*.safetensors"):

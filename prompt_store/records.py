@@ -10,6 +10,7 @@ from pydantic import AfterValidator, BaseModel, Field
 
 TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 INPUT_PLACEHOLDER = "{input}"  # where a task's `input_template` puts the input
+MAX_ENSEMBLE_SIZE = 16  # members of a task's ensemble: each one is a row per input of an ensemble request
 _TASK_ID = re.compile(TASK_ID_PATTERN)
 
 
@@ -67,6 +68,7 @@ class TaskRecord(BaseModel):
     active_version: int | None = None
     versions: list[VersionInfo] = Field(default_factory=list)
     metadata: TaskMetadata = Field(default_factory=TaskMetadata)
+    ensemble: list[int] = Field(default_factory=list, description="versions served together by `ensemble` requests")
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
 

@@ -125,6 +125,31 @@ return redis.call('HGETALL', KEYS[1])
 """
 )
 
+# ARGV[5] the ensemble as JSON (`[]` clears it), ARGV[6..] its versions, each checked first. A missing one is
+# named in the error (`NOVERSION <n>`).
+SET_ENSEMBLE = (
+    _COMMON
+    + f"""
+local refused = require_populated()
+if refused then return refused end
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('{NO_TASK}') end
+for i = 6, #ARGV do
+  if redis.call('HEXISTS', KEYS[1], 'version:' .. ARGV[i]) == 0 then
+    return redis.error_reply('{NO_VERSION} ' .. ARGV[i])
+  end
+end
+record_change()
+if #ARGV >= 6 then
+  redis.call('HSET', KEYS[1], 'ensemble', ARGV[5])
+else
+  redis.call('HDEL', KEYS[1], 'ensemble')
+end
+redis.call('HSET', KEYS[1], 'updated_at', stamp)
+notify('ensemble', nil)
+return redis.call('HGETALL', KEYS[1])
+"""
+)
+
 # Returns the stamp of the delete.
 DELETE_TASK = (
     _COMMON

@@ -2,13 +2,15 @@
 
 Layout (every name under `namespace`, default `softserve`; tenant and task ids cannot hold `:` or `/`):
 - `{ns}:task:{tenant}:{task}`    hash: created_at, updated_at, active_version, last_version,
-                                 `meta:<field>` (JSON), `version:<n>` (VersionInfo JSON without the version)
+                                 `meta:<field>` (JSON), `version:<n>` (VersionInfo JSON without the version),
+                                 `ensemble` (JSON list of versions; absent: none)
 - `{ns}:prompts:{tenant}:{task}` hash: version -> the prompt as safetensors bytes (binary-safe)
 - `{ns}:tasks:{tenant}`          set of the tenant's task ids; `{ns}:tenants` set of tenants
 - `{ns}:populated`               marker: this Redis holds the registry (set after a rebuild from the mirror);
                                  a sorted set: its epoch and the index of changes (see `redis_scripts`)
 - `{ns}:staged:{id}`             a prompt's bytes on their way into a write script (expire by themselves)
-- `{ns}:changes`                 channel: one JSON notice per change (version, activate, delete, restore)
+- `{ns}:changes`                 channel: one JSON notice per change (version, activate, ensemble, delete,
+                                 restore)
 
 Each write is one Lua script (atomic; versions come from HINCRBY inside it, so replicas never race for a
 number) that publishes its notice on commit, and that changes nothing if Redis runs it after its deadline:
@@ -97,6 +99,8 @@ def record_fields(record: TaskRecord) -> dict[str, str]:
     }
     if record.active_version is not None:
         fields["active_version"] = str(record.active_version)
+    if record.ensemble:
+        fields["ensemble"] = json.dumps(record.ensemble)
     fields.update(metadata_fields(record.metadata))
     for info in record.versions:
         fields[f"version:{info.version}"] = info.model_dump_json(exclude={"version"})
@@ -126,6 +130,7 @@ def record_from_fields(tenant: str, task_id: str, raw: dict[bytes, bytes]) -> Ta
         active_version=int(active) if active is not None else None,
         versions=sorted(versions, key=lambda v: v.version),
         metadata=TaskMetadata.model_validate(metadata),
+        ensemble=json.loads(fields.get("ensemble", "[]")),
         created_at=float(fields["created_at"]),
         updated_at=float(fields["updated_at"]),
     )
@@ -159,6 +164,7 @@ class RedisStore:
             for name, source in {
                 "add": scripts.ADD_VERSION,
                 "activate": scripts.ACTIVATE,
+                "ensemble": scripts.SET_ENSEMBLE,
                 "delete": scripts.DELETE_TASK,
                 "restore": scripts.RESTORE_TASK,
                 "upgrade_marker": scripts.UPGRADE_MARKER,
@@ -352,6 +358,12 @@ class RedisStore:
 
     def activate(self, tenant: str, task_id: str, version: int) -> TaskRecord:
         raw = self._run_script("activate", tenant, task_id, [str(version)])
+        record = record_from_fields(tenant, task_id, _pairs(raw))
+        self._write_through(tenant, task_id, record, record.updated_at)
+        return record
+
+    def set_ensemble(self, tenant: str, task_id: str, versions: list[int]) -> TaskRecord:
+        raw = self._run_script("ensemble", tenant, task_id, [json.dumps(versions), *map(str, versions)])
         record = record_from_fields(tenant, task_id, _pairs(raw))
         self._write_through(tenant, task_id, record, record.updated_at)
         return record
@@ -567,7 +579,8 @@ def _refusal(error: redis.ResponseError, task_id: str, args: list[Any]) -> Promp
     if message.startswith(scripts.NO_TASK):
         return TaskNotFound(task_id)
     if message.startswith(scripts.NO_VERSION):
-        return VersionNotFound(task_id, int(args[0]))
+        named = message.split()[1:2]  # a script checking several versions names the missing one
+        return VersionNotFound(task_id, int(named[0]) if named else int(args[0]))
     if message.startswith(scripts.LATE):
         return StoreUnavailable(TOO_LATE)
     return StoreUnavailable(f"the prompt registry's Redis refused the change: {message}")

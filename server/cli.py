@@ -211,8 +211,27 @@ def _prompts_call(client: SoftserveClient, args: argparse.Namespace) -> Any:
         return {"written": args.output, "bytes": len(data)}
     if command == "activate":
         return client.activate(args.task_id, args.version)
+    if command == "ensemble":
+        return ensemble_call(client, args)
+    if command == "explain":
+        return client.nearest_tokens(args.task_id, args.version, args.k)
+    if command == "similar":
+        return client.similar_tasks(args.task_id, args.k)
     client.delete_prompt(args.task_id)
     return {"deleted": args.task_id}
+
+
+def ensemble_call(client: SoftserveClient, args: argparse.Namespace) -> dict[str, Any]:
+    """Sets the task's ensemble to the versions given, clears it (`--clear`), or shows it (neither)."""
+    if args.clear and args.versions:
+        raise CommandError("give versions to set the ensemble, or --clear to clear it, not both", EXIT_USAGE)
+    if args.clear:
+        task = client.clear_ensemble(args.task_id)
+    elif args.versions:
+        task = client.set_ensemble(args.task_id, args.versions)
+    else:
+        task = client.get_prompt(args.task_id)
+    return {"task_id": task["task_id"], "ensemble": task["ensemble"]}
 
 
 FINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -309,6 +328,23 @@ def add_prompts_parser(commands: Any, flags: argparse.ArgumentParser) -> None:
     )
     activate.add_argument("task_id")
     activate.add_argument("version", type=int)
+    explain = sub.add_parser(
+        "explain", parents=[flags], help="each prompt position's nearest vocabulary tokens, and the labels among them"
+    )
+    explain.add_argument("task_id")
+    explain.add_argument("version", type=int)
+    explain.add_argument("-k", type=int, default=5, help="tokens per position (1..100)")
+    similar = sub.add_parser(
+        "similar", parents=[flags], help="your tasks whose active prompts are most like this task's"
+    )
+    similar.add_argument("task_id")
+    similar.add_argument("-k", type=int, default=5, help="how many tasks (1..100)")
+    ensemble = sub.add_parser(
+        "ensemble", parents=[flags], help="set (VERSIONS), clear (--clear) or show the task's ensemble"
+    )
+    ensemble.add_argument("task_id")
+    ensemble.add_argument("versions", type=int, nargs="*", help="the versions `ensemble` requests serve together")
+    ensemble.add_argument("--clear", action="store_true", help="clear the ensemble")
     delete = sub.add_parser("delete", parents=[flags], help="delete a task and all its versions")
     delete.add_argument("task_id")
     parser.set_defaults(func=prompts)

@@ -54,6 +54,7 @@ class _Calls:
         version: int | None,
         parameters: dict[str, Any],
         stream: bool = False,
+        ensemble: bool = False,
     ) -> httpx.Request:
         body: dict[str, Any] = {"task_id": task_id, "inputs": inputs}
         if version is not None:
@@ -62,14 +63,23 @@ class _Calls:
             body["parameters"] = parameters
         if stream:
             body["stream"] = True
+        if ensemble:
+            body["ensemble"] = True
         return self._make("POST", "/v1/generate", json=body)
 
     def classify(
-        self, task_id: str, inputs: str | list[str], labels: list[str] | None, length_normalize: bool
+        self,
+        task_id: str,
+        inputs: str | list[str],
+        labels: list[str] | None,
+        length_normalize: bool,
+        ensemble: bool = False,
     ) -> httpx.Request:
         body: dict[str, Any] = {"task_id": task_id, "inputs": inputs, "length_normalize": length_normalize}
         if labels is not None:
             body["labels"] = labels
+        if ensemble:
+            body["ensemble"] = True
         return self._make("POST", "/v1/classify", json=body)
 
     def upload_prompt(self, task_id: str, data: bytes, metadata: dict[str, Any] | None) -> httpx.Request:
@@ -88,8 +98,20 @@ class _Calls:
     def activate(self, task_id: str, version: int) -> httpx.Request:
         return self._make("POST", f"/v1/prompts/{task_id}/activate", json={"version": version})
 
+    def set_ensemble(self, task_id: str, versions: list[int]) -> httpx.Request:
+        return self._make("PUT", f"/v1/prompts/{task_id}/ensemble", json={"versions": versions})
+
+    def clear_ensemble(self, task_id: str) -> httpx.Request:
+        return self._make("DELETE", f"/v1/prompts/{task_id}/ensemble")
+
     def delete_prompt(self, task_id: str) -> httpx.Request:
         return self._make("DELETE", f"/v1/prompts/{task_id}")
+
+    def nearest_tokens(self, task_id: str, version: int, k: int) -> httpx.Request:
+        return self._make("GET", f"/v1/prompts/{task_id}/versions/{version}/nearest-tokens", params={"k": k})
+
+    def similar_tasks(self, task_id: str, k: int) -> httpx.Request:
+        return self._make("GET", f"/v1/prompts/{task_id}/similar", params={"k": k})
 
     def info(self) -> httpx.Request:
         return self._make("GET", "/v1/info")
@@ -187,8 +209,17 @@ class SoftserveClient:
     def _send(self, request: httpx.Request) -> Any:
         return _read(self._http.send(request))
 
-    def generate(self, task_id: str, inputs: str | list[str], version: int | None = None, **parameters: Any) -> dict:
-        return self._send(self._calls.generate(task_id, inputs, version, parameters))
+    def generate(
+        self,
+        task_id: str,
+        inputs: str | list[str],
+        version: int | None = None,
+        *,
+        ensemble: bool = False,
+        **parameters: Any,
+    ) -> dict:
+        """`ensemble=True`: every member of the task's ensemble on each input; the majority text, with `votes`."""
+        return self._send(self._calls.generate(task_id, inputs, version, parameters, ensemble=ensemble))
 
     def generate_stream(
         self, task_id: str, input: str, version: int | None = None, **parameters: Any
@@ -214,9 +245,15 @@ class SoftserveClient:
             response.close()
 
     def classify(
-        self, task_id: str, inputs: str | list[str], labels: list[str] | None = None, length_normalize: bool = False
+        self,
+        task_id: str,
+        inputs: str | list[str],
+        labels: list[str] | None = None,
+        length_normalize: bool = False,
+        ensemble: bool = False,
     ) -> dict:
-        return self._send(self._calls.classify(task_id, inputs, labels, length_normalize))
+        """`ensemble=True`: the members' probs averaged, with each member's label and their `agreement`."""
+        return self._send(self._calls.classify(task_id, inputs, labels, length_normalize, ensemble))
 
     def upload_prompt(self, task_id: str, file: bytes | str | Path, metadata: dict[str, Any] | None = None) -> dict:
         return self._send(self._calls.upload_prompt(task_id, _file_bytes(file), metadata))
@@ -233,8 +270,24 @@ class SoftserveClient:
     def activate(self, task_id: str, version: int) -> dict:
         return self._send(self._calls.activate(task_id, version))
 
+    def set_ensemble(self, task_id: str, versions: list[int]) -> dict:
+        """Makes these versions the task's ensemble (what `ensemble=True` requests serve); returns the task."""
+        return self._send(self._calls.set_ensemble(task_id, versions))
+
+    def clear_ensemble(self, task_id: str) -> dict:
+        return self._send(self._calls.clear_ensemble(task_id))
+
     def delete_prompt(self, task_id: str) -> None:
         self._send(self._calls.delete_prompt(task_id))
+
+    def nearest_tokens(self, task_id: str, version: int, k: int = 5) -> dict:
+        """Each prompt position's k nearest vocabulary tokens (id, text, cosine similarity) and the task's labels
+        among them."""
+        return self._send(self._calls.nearest_tokens(task_id, version, k))
+
+    def similar_tasks(self, task_id: str, k: int = 5) -> dict:
+        """The caller's k tasks whose active prompts are most like this task's (cosine of the mean rows)."""
+        return self._send(self._calls.similar_tasks(task_id, k))
 
     def info(self) -> dict:
         return self._send(self._calls.info())
@@ -278,9 +331,15 @@ class AsyncSoftserveClient:
         return _read(await self._http.send(request))
 
     async def generate(
-        self, task_id: str, inputs: str | list[str], version: int | None = None, **parameters: Any
+        self,
+        task_id: str,
+        inputs: str | list[str],
+        version: int | None = None,
+        *,
+        ensemble: bool = False,
+        **parameters: Any,
     ) -> dict:
-        return await self._send(self._calls.generate(task_id, inputs, version, parameters))
+        return await self._send(self._calls.generate(task_id, inputs, version, parameters, ensemble=ensemble))
 
     async def generate_stream(
         self, task_id: str, input: str, version: int | None = None, **parameters: Any
@@ -304,9 +363,14 @@ class AsyncSoftserveClient:
             await response.aclose()
 
     async def classify(
-        self, task_id: str, inputs: str | list[str], labels: list[str] | None = None, length_normalize: bool = False
+        self,
+        task_id: str,
+        inputs: str | list[str],
+        labels: list[str] | None = None,
+        length_normalize: bool = False,
+        ensemble: bool = False,
     ) -> dict:
-        return await self._send(self._calls.classify(task_id, inputs, labels, length_normalize))
+        return await self._send(self._calls.classify(task_id, inputs, labels, length_normalize, ensemble))
 
     async def upload_prompt(
         self, task_id: str, file: bytes | str | Path, metadata: dict[str, Any] | None = None
@@ -325,8 +389,20 @@ class AsyncSoftserveClient:
     async def activate(self, task_id: str, version: int) -> dict:
         return await self._send(self._calls.activate(task_id, version))
 
+    async def set_ensemble(self, task_id: str, versions: list[int]) -> dict:
+        return await self._send(self._calls.set_ensemble(task_id, versions))
+
+    async def clear_ensemble(self, task_id: str) -> dict:
+        return await self._send(self._calls.clear_ensemble(task_id))
+
     async def delete_prompt(self, task_id: str) -> None:
         await self._send(self._calls.delete_prompt(task_id))
+
+    async def nearest_tokens(self, task_id: str, version: int, k: int = 5) -> dict:
+        return await self._send(self._calls.nearest_tokens(task_id, version, k))
+
+    async def similar_tasks(self, task_id: str, k: int = 5) -> dict:
+        return await self._send(self._calls.similar_tasks(task_id, k))
 
     async def info(self) -> dict:
         return await self._send(self._calls.info())

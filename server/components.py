@@ -17,7 +17,7 @@ from server.engine.link import EngineLink
 from server.engine.scheduler import EngineLimits
 from server.engine.thread_link import ThreadLink
 from server.jobs.job_runner import JobRunner, Requeue
-from server.jobs.service import TrainingLimits, TrainingService, registry_publisher
+from server.jobs.service import TrainingLimits, TrainingService, registry_ensemble_setter, registry_publisher
 from server.metrics import BatcherMetrics, ServerMetrics, TrainingMetrics
 from server.registry.registry import PromptRegistry, TaskKey
 from server.registry.service import PromptService
@@ -161,6 +161,7 @@ def training_service(
 ) -> TrainingService:
     """Call from the event loop: a worker thread of this process, if the backend trains here, publishes on it."""
     publish = registry_publisher(registry, asyncio.get_running_loop())
+    set_ensemble = registry_ensemble_setter(registry, asyncio.get_running_loop())
 
     def in_process_runner(requeue: Requeue) -> JobRunner:
         return JobRunner(
@@ -172,10 +173,11 @@ def training_service(
             checkpoint_every=settings.training_checkpoint_every,
             requeue=requeue,
             time_slice_s=settings.training_time_slice_s,
+            set_ensemble=set_ensemble,
         )
 
     queue = backend.training_queue(in_process_runner)
-    return TrainingService(model, backend.jobs, queue, metrics, training_limits(settings), quota)
+    return TrainingService(model, backend.jobs, queue, metrics, training_limits(settings), quota, registry)
 
 
 async def build_components(settings: Settings, metrics: ServerMetrics, model: FrozenT5 | None = None) -> Components:

@@ -15,6 +15,28 @@ class InvalidInput(ServingError):
     """A field is well-formed JSON but not acceptable (too long, over a cap, no labels...)."""
 
 
+class InvalidParameter(InvalidInput):
+    """An `InvalidInput` caused by one request field, named in `param` (the error body's `param`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class UnsupportedParameter(ServingError):
+    """A parameter of a borrowed API (OpenAI's) that this server cannot honour: refused by name, never ignored."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ModelNotFound(ServingError):
+    """An OpenAI `model` that names none of the caller's tasks (or a version the task lacks)."""
+
+    param = "model"
+
+
 class InvalidRequest(ServingError):
     """A body that does not fit its schema, parsed by a service rather than by FastAPI: `problems` as pydantic
     lists them (location, message), so the API answers it as it answers FastAPI's own request validation."""

@@ -52,6 +52,7 @@ def run_worker(settings: Settings) -> None:
         requeue=backend.queue.submit,
         lease=RedisLease(backend.jobs, settings.training_lease_s),
         time_slice_s=settings.training_time_slice_s,
+        set_ensemble=backend.prompts.set_ensemble,
     )
     reaper = Reaper(
         backend.jobs,

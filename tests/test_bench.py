@@ -32,6 +32,7 @@ SCRIPTS = [
     "continuous_vs_static",
     "decode_vs_generate",
     "goodput",
+    "ensemble",
 ]
 
 

@@ -76,7 +76,7 @@ def assert_anonymous_cannot_act_as_owner(url: str, status: int) -> None:
     for method in ("GET", "DELETE"):
         response = httpx.request(method, f"{url}/v1/prompts/secret", headers={ACT_AS: "owner"})
         assert response.status_code == status, response.text
-        assert set(response.json()["error"]) == {"code", "message"}
+        assert set(response.json()["error"]) == {"code", "message", "type", "param"}
 
 
 def test_revoking_every_key_leaves_the_server_closed(served: Served) -> None:

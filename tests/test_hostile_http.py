@@ -47,7 +47,7 @@ def assert_error(response: httpx.Response, status: int | tuple[int, ...], code: 
     statuses = (status,) if isinstance(status, int) else status
     assert response.status_code in statuses, response.text
     error = response.json()["error"]
-    assert set(error) == {"code", "message"} and error["message"]
+    assert set(error) == {"code", "message", "type", "param"} and error["message"]
     if code is not None:
         assert error["code"] == code, error
     return error

@@ -46,7 +46,7 @@ def error(response: httpx.Response, status: int) -> str:
     """The error's message, once the status and the error body's shape are checked."""
     assert response.status_code == status, response.text
     body = response.json()["error"]
-    assert set(body) == {"code", "message"}
+    assert set(body) == {"code", "message", "type", "param"}
     return body["message"]
 
 

@@ -76,7 +76,7 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None,
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"code", "message"}, body
+    assert set(body["error"]) == {"code", "message", "type", "param"}, body
     assert ERROR_CODE.match(body["error"]["code"]), body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"].strip(), body
     if code is not None:

@@ -2,10 +2,10 @@
 
 from fastapi import APIRouter
 
-from server.api import inference, operations, prompts, training
+from server.api import inference, openai, operations, prompts, training
 
 api_router = APIRouter()
-for module in (inference, prompts, training, operations):
+for module in (inference, openai, prompts, training, operations):
     api_router.include_router(module.router)
 
 __all__ = ["api_router"]

@@ -29,10 +29,12 @@ from server.errors import (
     InferenceFailed,
     InvalidInput,
     InvalidRequest,
+    ModelNotFound,
     NotReady,
     Overloaded,
     RateLimited,
     Unauthorized,
+    UnsupportedParameter,
 )
 from server.jobs.errors import InvalidDataset, JobConflict, JobNotFound, JobStoreUnavailable, TooManyJobs
 
@@ -61,6 +63,8 @@ ERROR_STATUSES: list[tuple[type[Exception], int, str]] = [
     (UnsupportedFormat, 415, "unsupported_format"),
     (StoreUnavailable, 503, "store_unavailable"),
     (InvalidInput, 422, "invalid_input"),
+    (UnsupportedParameter, 400, "unsupported_parameter"),
+    (ModelNotFound, 404, "model_not_found"),
     (Overloaded, 503, "overloaded"),
     (RateLimited, 429, "rate_limited"),
     (NotReady, 503, "not_ready"),
@@ -127,26 +131,47 @@ def client_message(message: str) -> str:
     return message or "the request was refused"
 
 
-def error_response(status: int, code: str, message: str, retry_after: float | None = None) -> JSONResponse:
-    """The one error body: `{"error": {"code", "message"}}`, the message made safe for clients."""
+# OpenAI's error `type`s, so that OpenAI clients read these errors as they read OpenAI's.
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def error_type(status: int) -> str:
+    return ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_envelope(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    """The one error body: `{"error": {"code", "message", "type", "param"}}`, the message made safe for clients;
+    `param` names the request field at fault, where one is."""
+    return {"error": {"code": code, "message": client_message(message), "type": error_type(status), "param": param}}
+
+
+def error_param(error: Exception) -> str | None:
+    param = getattr(error, "param", None)
+    return param if isinstance(param, str) else None
+
+
+def error_response(
+    status: int, code: str, message: str, retry_after: float | None = None, param: str | None = None
+) -> JSONResponse:
     headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
-    body = {"error": {"code": code, "message": client_message(message)}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_envelope(status, code, message, param), status_code=status, headers=headers)
 
 
 def _field_path(location: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in location if part != "body") or "body"
 
 
-def _validation_message(problems: Sequence[Any]) -> tuple[int, str, str]:
-    """Only each problem's location and `msg` (never its `input` or `ctx`, which may hold any object)."""
+def _validation_response(problems: Sequence[Any]) -> JSONResponse:
+    """Only each problem's location and `msg` (never its `input` or `ctx`, which may hold any object); `param` is
+    the first problem's field."""
     for problem in problems:
         if problem.get("type") == "json_invalid":
             detail = (problem.get("ctx") or {}).get("error")
             suffix = f": {detail}" if isinstance(detail, str) else ""
-            return 400, "malformed_json", f"the request body is not valid JSON{suffix}"
+            return error_response(400, "malformed_json", f"the request body is not valid JSON{suffix}")
     parts = [f"{_field_path(problem.get('loc', ()))}: {problem.get('msg', 'invalid')}" for problem in problems[:5]]
-    return 422, "invalid_request", "; ".join(parts)
+    param = _field_path(problems[0].get("loc", ())) if problems else None
+    return error_response(422, "invalid_request", "; ".join(parts), param=param)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -156,17 +181,17 @@ def install_error_handlers(app: FastAPI) -> None:
             if code in REJECTION_REASONS:
                 request.app.state.lifecycle.metrics.rejections.labels(reason=code).inc()
             retry_after = exc.retry_after_s if isinstance(exc, RetryLater) else None
-            return error_response(status, code, str(exc), retry_after)
+            return error_response(status, code, str(exc), retry_after, error_param(exc))
 
         app.add_exception_handler(exc_type, handler)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(*_validation_message(exc.errors()))
+        return _validation_response(exc.errors())
 
     @app.exception_handler(InvalidRequest)
     async def on_invalid_request(request: Request, exc: InvalidRequest) -> JSONResponse:
-        return error_response(*_validation_message(exc.problems))
+        return _validation_response(exc.problems)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

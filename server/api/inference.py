@@ -15,7 +15,7 @@ from fastapi.routing import APIRoute
 from starlette.types import Receive, Scope, Send
 
 from server.api.deps import caller, components, wait_for_disconnect
-from server.api.errors import ERROR_STATUSES, REJECTION_REASONS, client_message, documented_errors
+from server.api.errors import ERROR_STATUSES, REJECTION_REASONS, documented_errors, error_envelope, error_param
 from server.components import Components
 from server.serving.schemas import ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse
 from server.serving.service import Streaming
@@ -57,7 +57,7 @@ def _shed(request: Request) -> Response | None:
 @lru_cache(maxsize=4)
 def _overloaded_body(message: str) -> bytes:
     """The same bytes for every shed request: serialised once."""
-    return json.dumps({"error": {"code": OVERLOADED, "message": message}}).encode()
+    return json.dumps(error_envelope(503, OVERLOADED, message)).encode()
 
 
 router = APIRouter(
@@ -78,7 +78,9 @@ STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/generate", response_model=GenerateResponse, responses=STREAM_RESPONSE)
+@router.post(
+    "/generate", response_model=GenerateResponse, response_model_exclude_none=True, responses=STREAM_RESPONSE
+)  # an ensemble's fields only where it ran
 async def generate(
     body: GenerateRequest,
     request: Request,
@@ -139,24 +141,23 @@ def server_event(data: dict[str, Any], name: str | None = None) -> str:
     return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-ERROR_CODES = {exc_type: code for exc_type, _, code in ERROR_STATUSES}
+ERROR_CODES = {exc_type: (status, code) for exc_type, status, code in ERROR_STATUSES}
 
 
 def error_body(request: Request, error: Exception) -> dict[str, Any]:
     """The body the error handlers would have answered (the most specific class in the table decides), counted
     as they count it."""
-    code = next((ERROR_CODES[cls] for cls in type(error).__mro__ if cls in ERROR_CODES), None)
-    if code is None:
+    known = next((ERROR_CODES[cls] for cls in type(error).__mro__ if cls in ERROR_CODES), None)
+    if known is None:
         log.exception("unhandled error while streaming %s", request.url.path, exc_info=error)
-        return {
-            "error": {"code": "internal_error", "message": "internal server error; the details are in the server log"}
-        }
+        return error_envelope(500, "internal_error", "internal server error; the details are in the server log")
+    status, code = known
     if code in REJECTION_REASONS:
         request.app.state.lifecycle.metrics.rejections.labels(reason=code).inc()
-    return {"error": {"code": code, "message": client_message(str(error))}}
+    return error_envelope(status, code, str(error), error_param(error))
 
 
-@router.post("/classify", response_model=ClassifyResponse)
+@router.post("/classify", response_model=ClassifyResponse, response_model_exclude_none=True)
 async def classify(
     body: ClassifyRequest,
     request: Request,

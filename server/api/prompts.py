@@ -1,4 +1,4 @@
-"""`/v1/prompts...`: upload, list, read, download, activate, delete."""
+"""`/v1/prompts...`: upload, list, read, download, activate, ensemble, delete."""
 
 from __future__ import annotations
 
@@ -11,7 +11,17 @@ from server.api.deps import caller, components
 from server.api.errors import documented_errors
 from server.components import Components
 from server.errors import InvalidInput
-from server.registry.schemas import ActivateRequest, PromptList, PromptSummary, TaskView, UploadResponse
+from server.registry.explain import MAX_NEIGHBOURS
+from server.registry.schemas import (
+    ActivateRequest,
+    EnsembleRequest,
+    NearestTokens,
+    PromptList,
+    PromptSummary,
+    SimilarTasks,
+    TaskView,
+    UploadResponse,
+)
 from server.tenancy.keys import Caller
 
 router = APIRouter(
@@ -79,9 +89,34 @@ async def download_prompt(
     return Response(data, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
+Neighbours = Annotated[int, Query(ge=1, le=MAX_NEIGHBOURS, description="how many to return")]
+
+
+@router.get("/{task_id}/versions/{version}/nearest-tokens", response_model=NearestTokens)
+async def nearest_tokens(
+    task_id: TaskId, version: Annotated[int, Path(ge=1)], who: Who, rt: Rt, k: Neighbours = 5
+) -> NearestTokens:
+    return await rt.prompts.explain.nearest_tokens(who.tenant, task_id, version, k)
+
+
+@router.get("/{task_id}/similar", response_model=SimilarTasks)
+async def similar_tasks(task_id: TaskId, who: Who, rt: Rt, k: Neighbours = 5) -> SimilarTasks:
+    return await rt.prompts.explain.similar_tasks(who.tenant, task_id, k)
+
+
 @router.post("/{task_id}/activate", response_model=TaskView)
 async def activate_prompt(task_id: TaskId, body: ActivateRequest, who: Who, rt: Rt) -> TaskView:
     return TaskView.of(await rt.prompts.activate(who.tenant, task_id, body.version))
+
+
+@router.put("/{task_id}/ensemble", response_model=TaskView)
+async def set_ensemble(task_id: TaskId, body: EnsembleRequest, who: Who, rt: Rt) -> TaskView:
+    return TaskView.of(await rt.prompts.set_ensemble(who.tenant, task_id, body.versions))
+
+
+@router.delete("/{task_id}/ensemble", response_model=TaskView)
+async def clear_ensemble(task_id: TaskId, who: Who, rt: Rt) -> TaskView:
+    return TaskView.of(await rt.prompts.set_ensemble(who.tenant, task_id, []))
 
 
 @router.delete("/{task_id}", status_code=204, response_class=Response)

@@ -8,6 +8,8 @@ from pydantic import BaseModel
 class ErrorBody(BaseModel):
     code: str
     message: str
+    type: str
+    param: str | None = None
 
 
 class ErrorResponse(BaseModel):

@@ -116,7 +116,7 @@ class Engine:
         self.cache = self.decoder.new_cache()
         self.chooser = TokenChooser(model.decodable_vocab, model.eos_token_id)
         self.runner = BatchRunner(model)
-        self._inbox: queue.SimpleQueue[EngineRequest | Cancel] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[list[EngineRequest] | Cancel] = queue.SimpleQueue()
         self._waiting: FairQueue[GenerateRow] = FairQueue()
         self._classify: FairQueue[ClassifyRow] = FairQueue()
         self._beams: FairQueue[BeamRow] = FairQueue()
@@ -128,8 +128,9 @@ class Engine:
     # Thread-safe entry points.
 
     def submit(self, requests: list[EngineRequest]) -> None:
-        for request in requests:
-            self._inbox.put(request)
+        """One inbox item: the loop takes a submission's rows together, so they join the same pass (an ensemble's
+        members share its encoder pass and decoder steps)."""
+        self._inbox.put(list(requests))
 
     def cancel(self, request_ids: list[int]) -> None:
         self._inbox.put(Cancel(list(request_ids)))
@@ -177,17 +178,18 @@ class Engine:
         except queue.Empty:
             pass
 
-    def _take(self, item: EngineRequest | Cancel) -> None:
+    def _take(self, item: list[EngineRequest] | Cancel) -> None:
         if isinstance(item, Cancel):
             self._cancelled.update(i for i in item.request_ids if i in self._known)
             return
-        self._known.add(item.request_id)
-        if isinstance(item, GenerateRow):
-            self._waiting.put(item)
-        elif isinstance(item, ClassifyRow):
-            self._classify.put(item)
-        else:
-            self._beams.put(item)
+        for request in item:
+            self._known.add(request.request_id)
+            if isinstance(request, GenerateRow):
+                self._waiting.put(request)
+            elif isinstance(request, ClassifyRow):
+                self._classify.put(request)
+            else:
+                self._beams.put(request)
 
     def _forget(self, request_id: int) -> None:
         self._known.discard(request_id)

@@ -12,10 +12,14 @@ surrogate such as `"\ud800"` parses, but cannot be tokenized).
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
+import torch
 
 from prompt_store.records import text_problem
 from server import strict_json
@@ -40,19 +44,38 @@ class ExampleSet:
 
 @dataclass(frozen=True)
 class Dataset:
+    """What a job trains from: its examples and, with `init: "task"`, the source task's prompt as it was at
+    submission (kept with the job, so that a later change to the source task cannot change the run)."""
+
     train: list[TrainingExample]
     eval: list[TrainingExample]
+    source_prompt: torch.Tensor | None = field(default=None, compare=False)
 
     def to_json(self) -> bytes:
-        pairs = {
+        data: dict[str, Any] = {
             name: [[e.input, e.target] for e in split] for name, split in (("train", self.train), ("eval", self.eval))
         }
-        return json.dumps(pairs, separators=(",", ":")).encode()
+        if self.source_prompt is not None:
+            data["source_prompt"] = _tensor_to_json(self.source_prompt)
+        return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Dataset:
         raw = json.loads(data)
-        return cls(**{name: [TrainingExample(i, t) for i, t in raw[name]] for name in ("train", "eval")})
+        examples = {name: [TrainingExample(i, t) for i, t in raw[name]] for name in ("train", "eval")}
+        source = raw.get("source_prompt")
+        return cls(**examples, source_prompt=_tensor_from_json(source) if source is not None else None)
+
+
+def _tensor_to_json(tensor: torch.Tensor) -> dict[str, Any]:
+    """A float32 tensor as its shape and its little-endian bytes in base64: exact, and a third of decimal text."""
+    values = tensor.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4")
+    return {"shape": list(values.shape), "float32": base64.b64encode(values.tobytes()).decode()}
+
+
+def _tensor_from_json(data: dict[str, Any]) -> torch.Tensor:
+    values = np.frombuffer(base64.b64decode(data["float32"]), dtype="<f4").reshape(data["shape"])
+    return torch.from_numpy(values.astype(np.float32))
 
 
 class _Problems:

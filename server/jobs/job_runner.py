@@ -8,7 +8,8 @@
    delivery) stops the run; a worker shutdown, or a time slice used up while another tenant's job waits,
    checkpoints at the current step and puts the job back in the queue, to resume there later.
 3. On success, mark the job `finishing` (no cancel after this point), publish the prompt as a new version
-   of the task, and record the version. A run whose loss diverges fails with that reason.
+   of the task (an `ensemble_size` job: each member's, then the members as the task's ensemble), and record the
+   version. A run whose loss diverges fails with that reason.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from server.jobs.store import JobStore
 from server.metrics import TrainingMetrics
 from server.serving.model import FrozenT5
 from server.training import PromptTrainer, TrainingCancelled, TrainingCheckpoint, TrainingDiverged, TrainingResult
+from server.training.ensemble import EnsembleResult, EnsembleTrainer, trainer_for
 from server.training.recipe import MAX_RANK_LABELS
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,12 @@ class Publisher(Protocol):
     def __call__(
         self, tenant: str, task_id: str, prompt: SoftPrompt, metadata: TaskMetadata | None, activate: bool, model: str
     ) -> TaskRecord: ...
+
+
+class EnsembleSetter(Protocol):
+    """Makes versions the task's ensemble (`PromptStore.set_ensemble`'s signature)."""
+
+    def __call__(self, tenant: str, task_id: str, versions: list[int]) -> TaskRecord: ...
 
 
 Requeue = Callable[[str, int], None]
@@ -88,10 +96,12 @@ class JobRunner:
         requeue: Requeue,
         lease: Lease = no_lease,
         time_slice_s: float = 0.0,
+        set_ensemble: EnsembleSetter | None = None,
     ) -> None:
         self.model = model
         self.store = store
         self.publish = publish
+        self.set_ensemble = set_ensemble  # what an `ensemble_size` job's members become
         self.metrics = metrics
         self.worker_name = worker_name
         self.checkpoint_every = checkpoint_every
@@ -155,14 +165,16 @@ class TrainingRun:
         self.stopping = stopping
         self.release_reason: str | None = None
         self.progress = record.progress
-        self.trainer: PromptTrainer | None = None
+        self.trainer: PromptTrainer | EnsembleTrainer | None = None
         self._started = self._polled = self._looked_for_others = time.monotonic()
         self._written = time.perf_counter()
         self._step_started = time.perf_counter()
 
     def run(self) -> JobState | None:
         dataset = self.store.dataset(self.job_id)
-        self.trainer = trainer = PromptTrainer(self.runner.model, dataset.train, dataset.eval, self.record.config)
+        self.trainer = trainer = trainer_for(
+            self.runner.model, dataset.train, dataset.eval, self.record.config, source_prompt=dataset.source_prompt
+        )
         resume = self._checkpoint()
         if resume is not None:
             log.info("job %s: resuming from step %d", self.job_id, resume.step)
@@ -262,18 +274,10 @@ class TrainingRun:
         self.store.update(self.job_id, lambda r: finishing(r, self.attempt))
         record = self.record
         try:
-            task = self.runner.publish(
-                record.tenant,
-                record.task_id,
-                result.prompt,
-                task_metadata(result),
-                record.activate,
-                self.runner.model.model_id,
-            )
+            version = self._register(result)
         except Exception as error:
             log.exception("job %s: registering the prompt failed", self.job_id)
             return self.runner.fail(record, f"the prompt could not be registered: {type(error).__name__}: {error}")
-        version = task.versions[-1].version
         final = JobProgress(
             step=result.steps_run,
             total_steps=self.progress.total_steps,
@@ -287,3 +291,22 @@ class TrainingRun:
         self.runner.metrics.jobs.labels(state="succeeded").inc()
         log.info("job %s: succeeded; %s/%s version %d", self.job_id, record.tenant, record.task_id, version)
         return JobState.SUCCEEDED
+
+    def _register(self, result: TrainingResult) -> int:
+        """Publishes the trained prompt as a new version and returns it. An ensemble's members become versions in
+        turn (the first activated if asked, as a one-prompt job's) and then the task's ensemble: the first's version
+        is returned."""
+        record, runner = self.record, self.runner
+        prompts = [m.prompt for m in result.members] if isinstance(result, EnsembleResult) else [result.prompt]
+        if len(prompts) > 1 and runner.set_ensemble is None:
+            raise RuntimeError("this worker cannot set a task's ensemble")
+        versions = []
+        for index, prompt in enumerate(prompts):
+            activate = record.activate and index == 0
+            task = runner.publish(
+                record.tenant, record.task_id, prompt, task_metadata(result), activate, runner.model.model_id
+            )
+            versions.append(task.versions[-1].version)  # the store's record as its own write left it
+        if len(versions) > 1 and runner.set_ensemble is not None:
+            runner.set_ensemble(record.tenant, record.task_id, versions)
+        return versions[0]

@@ -111,7 +111,7 @@ def new_record(tenant: str, task_id: str, config: TrainingConfig, activate: bool
         task_id=task_id,
         config=config,
         activate=activate,
-        progress=JobProgress(total_steps=config.steps),
+        progress=JobProgress(total_steps=config.steps * config.ensemble_size),  # an ensemble's members in turn
     )
 
 

@@ -12,15 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ParamSpec, TypeVar
 
-from prompt_store import SoftPrompt, TaskMetadata, TaskRecord
+import torch
+
+from prompt_store import SoftPrompt, TaskMetadata, TaskNotFound, TaskRecord
 from server.errors import InvalidInput
 from server.jobs import submission
-from server.jobs.dataset import check_input_lengths
+from server.jobs.dataset import Dataset, check_input_lengths
 from server.jobs.errors import InvalidDataset, JobNotFound, JobStoreUnavailable
-from server.jobs.job_runner import Publisher
+from server.jobs.job_runner import EnsembleSetter, Publisher
 from server.jobs.queue import JobQueue
 from server.jobs.records import JobRecord, cancelled, new_record
 from server.jobs.store import JobStore
@@ -59,8 +61,10 @@ class TrainingService:
         metrics: TrainingMetrics,
         limits: TrainingLimits,
         quota: TaskQuota,
+        registry: PromptRegistry,
     ) -> None:
         self.model = model
+        self.registry = registry  # where `init: "task"` reads its source prompt
         self.store = store
         self.queue = queue
         self.metrics = metrics
@@ -90,10 +94,12 @@ class TrainingService:
         """Checks everything a worker would trip on, then stores and queues the job (or nothing at all)."""
         options = job.options
         await self.quota.check(tenant, options.task_id)  # the trained prompt becomes a task
-        self.check_limits(options.config)
-        await self.off_loop(self._check, job)
-        record = new_record(tenant, options.task_id, options.config, options.activate)
-        await asyncio.to_thread(self.store.create, record, job.dataset, self.limits.max_active_jobs)
+        config, source = await self._transfer_source(tenant, options.config)
+        self.check_limits(config)
+        dataset = replace(job.dataset, source_prompt=source)
+        await self.off_loop(self._check, job, config, dataset)
+        record = new_record(tenant, options.task_id, config, options.activate)
+        await asyncio.to_thread(self.store.create, record, dataset, self.limits.max_active_jobs)
         self.metrics.jobs.labels(state="queued").inc()
         # Stored but not queued (Redis went away in between): a worker's reaper queues it once Redis answers.
         with contextlib.suppress(JobStoreUnavailable):
@@ -114,13 +120,33 @@ class TrainingService:
             if value > limit:
                 raise InvalidInput(f"config.{field} {value} is over this server's {setting} of {limit}")
 
-    def _check(self, job: Submission) -> None:
+    async def _transfer_source(self, tenant: str, config: TrainingConfig) -> tuple[TrainingConfig, torch.Tensor | None]:
+        """`init: "task"`: the caller's source prompt, read now (404 for a task or version the caller does not
+        have), and the config pinned to the version read; a `prompt_length` left out becomes the source's."""
+        if config.init != "task":
+            return config, None
+        task_id, version = config.init_source()
+        if version is None:
+            version = (await self.registry.task(tenant, task_id)).active_version
+            if version is None:
+                raise TaskNotFound(task_id)
+        source = await self.registry.load_prompt(tenant, task_id, version)
+        if source.d_model != self.model.d_model:
+            raise InvalidInput(
+                f"config.init_task {task_id}@{version} is {source.d_model} wide; this model's d_model is "
+                f"{self.model.d_model}"
+            )
+        pinned: dict[str, object] = {"init_task": f"{task_id}@{version}"}
+        if "prompt_length" not in config.model_fields_set:
+            pinned["prompt_length"] = source.length
+        return config.model_copy(update=pinned), source.embeddings
+
+    def _check(self, job: Submission, config: TrainingConfig, dataset: Dataset) -> None:
         for split in (job.train, job.eval):
             if split is not None:
                 check_input_lengths(self.model, split, self.limits.max_input_tokens)
-        dataset = job.dataset
         try:  # the trainer's own checks (label set for rank accuracy, init text, ...), on a throw-away trainer
-            PromptTrainer(self.model, dataset.train, dataset.eval, job.options.config)
+            PromptTrainer(self.model, dataset.train, dataset.eval, config, source_prompt=dataset.source_prompt)
         except ValueError as error:
             raise InvalidDataset(str(error)) from None
 
@@ -140,6 +166,15 @@ def _owned_by(tenant: str, record: JobRecord) -> JobRecord:
     if record.tenant != tenant:
         raise JobNotFound(record.job_id)
     return record
+
+
+def registry_ensemble_setter(registry: PromptRegistry, loop: asyncio.AbstractEventLoop) -> EnsembleSetter:
+    """Sets a task's ensemble from the worker thread through the registry on the event loop (so its caches drop)."""
+
+    def set_ensemble(tenant: str, task_id: str, versions: list[int]) -> TaskRecord:
+        return asyncio.run_coroutine_threadsafe(registry.set_ensemble(tenant, task_id, versions), loop).result()
+
+    return set_ensemble
 
 
 def registry_publisher(registry: PromptRegistry, loop: asyncio.AbstractEventLoop) -> Publisher:

@@ -233,6 +233,9 @@ class PromptRegistry:
     async def activate(self, tenant: str, task_id: str, version: int) -> TaskRecord:
         return await self._write(tenant, task_id, lambda: self.store.activate(tenant, task_id, version))
 
+    async def set_ensemble(self, tenant: str, task_id: str, versions: list[int]) -> TaskRecord:
+        return await self._write(tenant, task_id, lambda: self.store.set_ensemble(tenant, task_id, versions))
+
     async def delete(self, tenant: str, task_id: str) -> None:
         await asyncio.to_thread(self.store.delete_task, tenant, task_id)
         self.forget(tenant, task_id)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, field_validator
 
 from prompt_store import TaskMetadata, TaskRecord, VersionInfo
-from prompt_store.records import INPUT_PLACEHOLDER, Utf8Text
+from prompt_store.records import INPUT_PLACEHOLDER, MAX_ENSEMBLE_SIZE, Utf8Text
 from server.serving.schemas import MAX_LABELS, GenerateParameters, StrictModel
 
 
@@ -64,6 +64,21 @@ class ActivateRequest(StrictModel):
     version: int = Field(ge=1)
 
 
+class EnsembleRequest(StrictModel):
+    versions: list[Annotated[int, Field(ge=1)]] = Field(
+        min_length=1,
+        max_length=MAX_ENSEMBLE_SIZE,
+        description=f"the task's versions served together (1..{MAX_ENSEMBLE_SIZE}, distinct)",
+    )
+
+    @field_validator("versions")
+    @classmethod
+    def _distinct(cls, versions: list[int]) -> list[int]:
+        if len(set(versions)) != len(versions):
+            raise ValueError("versions must be distinct")
+        return versions
+
+
 def iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat()
 
@@ -106,6 +121,37 @@ class PromptList(BaseModel):
     prompts: list[PromptSummary]
 
 
+class NearToken(BaseModel):
+    id: int
+    text: str  # the vocabulary piece as the tokenizer spells it (SentencePiece marks a word start with "▁")
+    similarity: float  # cosine similarity to the prompt row
+
+
+class PositionNeighbours(BaseModel):
+    position: int
+    tokens: list[NearToken]  # nearest first
+    labels: list[str]  # the task's labels with a token among `tokens`
+
+
+class NearestTokens(BaseModel):
+    task_id: str
+    version: int
+    k: int
+    positions: list[PositionNeighbours]
+
+
+class SimilarTask(BaseModel):
+    task_id: str
+    version: int  # its active version
+    similarity: float  # cosine similarity of the mean prompt rows
+
+
+class SimilarTasks(BaseModel):
+    task_id: str
+    version: int
+    similar: list[SimilarTask]  # most similar first
+
+
 class TaskView(BaseModel):
     task_id: str
     active_version: int | None
@@ -114,6 +160,7 @@ class TaskView(BaseModel):
     input_template: str | None
     parameters: dict[str, Any] | None
     versions: list[VersionView]
+    ensemble: list[int]
     created_at: str
     updated_at: str
 
@@ -124,6 +171,7 @@ class TaskView(BaseModel):
             active_version=record.active_version,
             **record.metadata.model_dump(),
             versions=[VersionView.of(v) for v in record.versions],
+            ensemble=record.ensemble,
             created_at=iso(record.created_at),
             updated_at=iso(record.updated_at),
         )

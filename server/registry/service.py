@@ -1,4 +1,5 @@
-"""`PromptService`: what the prompt routes do besides HTTP: upload, list, read, download, activate, delete.
+"""`PromptService`: what the prompt routes do besides HTTP: upload, list, read, download, activate, ensemble,
+delete.
 
 Everything a task will need to be served is checked at upload, cheapest first, so that a task that is
 accepted can be used: the metadata (strict JSON and types, then the server's limits on templates,
@@ -30,6 +31,7 @@ from prompt_store.formats import ReadLimits
 from prompt_store.records import INPUT_PLACEHOLDER
 from server import strict_json
 from server.errors import InvalidInput
+from server.registry.explain import PromptExplainer
 from server.registry.registry import PromptRegistry
 from server.registry.schemas import UploadMetadata
 from server.serving.batch_runner import ClassifyWork, GenerateWork
@@ -54,6 +56,7 @@ class PromptService:
         self.registry = registry
         self.limits = limits
         self.quota = quota
+        self.explain = PromptExplainer(model, registry)  # nearest tokens, similar tasks
         self.read_limits = ReadLimits(max_rows=limits.max_prompt_length, d_model=model.d_model)
         self._readers = asyncio.Semaphore(readers)
 
@@ -98,6 +101,18 @@ class PromptService:
 
     async def activate(self, tenant: str, task_id: str, version: int) -> TaskRecord:
         return await self.registry.activate(tenant, task_id, version)
+
+    async def set_ensemble(self, tenant: str, task_id: str, versions: list[int]) -> TaskRecord:
+        """Members must be versions of the task (the store checks, atomically) and of the served model's width
+        (a task's versions are by construction: checked where the record already says)."""
+        record = await self.registry.task(tenant, task_id)
+        for version in versions:
+            info = record.version_info(version)
+            if info is not None and info.d_model != self.model.d_model:
+                raise InvalidInput(
+                    f"version {version} has d_model {info.d_model}; this server's model has {self.model.d_model}"
+                )
+        return await self.registry.set_ensemble(tenant, task_id, versions)
 
     async def delete(self, tenant: str, task_id: str) -> None:
         await self.registry.delete(tenant, task_id)

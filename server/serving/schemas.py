@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prompt_store import TASK_ID_PATTERN
 from prompt_store.records import text_problem
@@ -56,18 +56,48 @@ class GenerateRequest(TextRequest):
     stream: bool = Field(
         False, description="answer `text/event-stream`: one event per token, then a final event (one input only)"
     )
+    ensemble: bool = Field(
+        False, description="run every member of the task's ensemble on each input; the text most members give wins"
+    )
+
+    @model_validator(mode="after")
+    def _ensemble_alone(self) -> GenerateRequest:
+        one_prompt_or_the_ensemble(self.ensemble, self.version)
+        if self.ensemble and self.stream:
+            raise ValueError("an ensemble cannot stream: its text is chosen once every member has finished")
+        return self
+
+
+def one_prompt_or_the_ensemble(ensemble: bool, version: int | None) -> None:
+    if ensemble and version is not None:
+        raise ValueError("`version` pins one prompt and `ensemble` serves the ensemble's versions: send one of them")
+
+
+class MemberGeneration(BaseModel):
+    """One ensemble member's output for an input: what that version alone would have answered."""
+
+    version: int
+    text: str
+    num_tokens: int
+    finish_reason: str
 
 
 class GenerateOutput(BaseModel):
     text: str
     num_tokens: int
     finish_reason: str
+    votes: dict[str, int] | None = Field(None, description="ensemble: each text the members gave, and how many")
+    tie_scores: dict[str, float] | None = Field(
+        None, description="ensemble, on a tie: each tied text's log-probability summed over every member"
+    )
+    members: list[MemberGeneration] | None = Field(None, description="ensemble: each member's own output")
 
 
 class GenerateResponse(BaseModel):
     task_id: str
     prompt_version: int
     outputs: list[GenerateOutput]
+    ensemble_versions: list[int] | None = Field(None, description="ensemble: the members, in the ensemble's order")
 
 
 class ClassifyRequest(TextRequest):
@@ -76,15 +106,32 @@ class ClassifyRequest(TextRequest):
     labels: list[str] | None = Field(None, min_length=1, max_length=MAX_LABELS)
     version: int | None = Field(None, ge=1)
     length_normalize: bool = False
+    ensemble: bool = Field(False, description="run every member of the task's ensemble and average their probs")
+
+    @model_validator(mode="after")
+    def _ensemble_alone(self) -> ClassifyRequest:
+        one_prompt_or_the_ensemble(self.ensemble, self.version)
+        return self
+
+
+class MemberClassification(BaseModel):
+    """One ensemble member's answer for an input: what that version alone would have answered."""
+
+    version: int
+    label: str
+    probs: dict[str, float]
 
 
 class ClassifyOutput(BaseModel):
     label: str
     scores: dict[str, float]
     probs: dict[str, float]
+    agreement: float | None = Field(None, description="ensemble: the share of members whose own label is `label`")
+    members: list[MemberClassification] | None = Field(None, description="ensemble: each member's own answer")
 
 
 class ClassifyResponse(BaseModel):
     task_id: str
     prompt_version: int
     outputs: list[ClassifyOutput]
+    ensemble_versions: list[int] | None = Field(None, description="ensemble: the members, in the ensemble's order")

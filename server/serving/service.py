@@ -10,11 +10,11 @@ transient ones (503, 429), and cheap checks before expensive work.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from typing import Any, Protocol, TypeVar, cast, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 from pydantic import ValidationError
 
@@ -22,12 +22,13 @@ from prompt_store.records import INPUT_PLACEHOLDER
 from server.errors import ClientDisconnected, DeadlineExceeded, InvalidInput
 from server.registry.registry import PromptRegistry, ResolvedPrompt
 from server.serving.batch_runner import AnyWork, ClassifyWork, GenerateWork, Work
+from server.serving.ensemble import EnsembleInference
 from server.serving.executor import Executor
 from server.serving.limits import ServingLimits
 from server.serving.model import Decoding, FrozenT5, Generation, Row
+from server.serving.ranking import classify_output, label_scores
 from server.serving.schemas import (
     MAX_LABELS,
-    ClassifyOutput,
     ClassifyRequest,
     ClassifyResponse,
     GenerateOutput,
@@ -39,6 +40,7 @@ from server.tenancy.rate_limits import TenantRateLimits
 
 ClientGone = Callable[[], Awaitable[None]]
 R = TypeVar("R")
+Outcome = TypeVar("Outcome")
 
 
 class Streaming(Protocol):
@@ -52,6 +54,24 @@ class Streaming(Protocol):
 @runtime_checkable
 class StreamingExecutor(Executor, Protocol):
     def open_stream(self, work: GenerateWork, tenant: str, deadline: float) -> Streaming: ...
+
+
+@dataclass(frozen=True)
+class GenerateRows(Generic[Outcome]):
+    """A generate request's admitted rows: the prompt version serving them, the soft prompt's length, each row's
+    input tokens (templated, `</s>` included) and each row's outcome (its generation, or its token stream)."""
+
+    version: int
+    prompt_length: int
+    input_tokens: list[int]
+    outcomes: list[Outcome]
+
+    @classmethod
+    def of(
+        cls, resolved: ResolvedPrompt, works: Sequence[GenerateWork], outcomes: list[Outcome]
+    ) -> GenerateRows[Outcome]:
+        lengths = [len(work.row.input_ids) for work in works]
+        return cls(resolved.version, resolved.embeddings.shape[0], lengths, outcomes)
 
 
 class InferenceService:
@@ -71,31 +91,53 @@ class InferenceService:
         self.max_chars = limits.max_chars
         # Tokenizing is CPU work: off the event loop, and no more at once than there are cores.
         self._tokenizing = asyncio.Semaphore(os.cpu_count() or 1)
+        self.ensembles = EnsembleInference(self)
 
     async def generate(
         self, tenant: str, request: GenerateRequest, client_gone: ClientGone | None = None
     ) -> GenerateResponse:
-        resolved, works = await self._generate_works(tenant, request)
-        results = await self._run(works, tenant, client_gone)
+        if request.ensemble:
+            return await self.ensembles.generate(tenant, request, client_gone)
+        rows = await self.generate_rows(tenant, request, client_gone)
         outputs = [
-            GenerateOutput(text=g.text, num_tokens=len(g.token_ids), finish_reason=g.finish_reason) for g in results
+            GenerateOutput(text=g.text, num_tokens=len(g.token_ids), finish_reason=g.finish_reason)
+            for g in rows.outcomes
         ]
-        return GenerateResponse(task_id=request.task_id, prompt_version=resolved.version, outputs=outputs)
+        return GenerateResponse(task_id=request.task_id, prompt_version=rows.version, outputs=outputs)
+
+    async def generate_rows(
+        self, tenant: str, request: GenerateRequest, client_gone: ClientGone | None = None
+    ) -> GenerateRows[Generation]:
+        """`generate`'s rows with what they were given: their token counts besides their generations."""
+        resolved, works = await self._generate_works(tenant, request)
+        return GenerateRows.of(resolved, works, await self._run(works, tenant, client_gone))
 
     async def generate_stream(self, tenant: str, request: GenerateRequest) -> tuple[int, Streaming]:
         """Checks and admits a one-input request like `generate`, then hands back the prompt version and the
         row's token stream (its consumer stopping early cancels the row)."""
-        if not isinstance(self.executor, StreamingExecutor):
-            raise InvalidInput("streaming needs the continuous scheduler (this server runs `--scheduler static`)")
+        self._streaming_executor()
         inputs = request.inputs
         if isinstance(inputs, list) and len(inputs) != 1:
             raise InvalidInput(f"a streamed request carries exactly one input ({len(inputs)} given)")
+        rows = await self.open_streams(tenant, request)
+        return rows.version, rows.outcomes[0]
+
+    async def open_streams(self, tenant: str, request: GenerateRequest) -> GenerateRows[Streaming]:
+        """Checks and admits a request like `generate`, then opens one token stream per input, all at once (each
+        stream's consumer stopping early cancels its row)."""
+        executor = self._streaming_executor()
         resolved, works = await self._generate_works(tenant, request)
-        (work,) = works
-        if work.decoding.num_beams > 1:
+        if works[0].decoding.num_beams > 1:  # one decoding for every row
             raise InvalidInput("beam search cannot stream: use num_beams 1, or a request without `stream`")
         await self._admit(works, tenant)
-        return resolved.version, self.executor.open_stream(work, tenant, self._deadline())
+        executor.check_room(len(works))  # no await from here on: every row is opened, or none
+        deadline = self._deadline()
+        return GenerateRows.of(resolved, works, [executor.open_stream(work, tenant, deadline) for work in works])
+
+    def _streaming_executor(self) -> StreamingExecutor:
+        if not isinstance(self.executor, StreamingExecutor):
+            raise InvalidInput("streaming needs the continuous scheduler (this server runs `--scheduler static`)")
+        return self.executor
 
     async def _generate_works(self, tenant: str, request: GenerateRequest) -> tuple[ResolvedPrompt, list[GenerateWork]]:
         texts = self._admissible_texts(request.inputs)
@@ -116,18 +158,24 @@ class InferenceService:
     async def classify(
         self, tenant: str, request: ClassifyRequest, client_gone: ClientGone | None = None
     ) -> ClassifyResponse:
+        if request.ensemble:
+            return await self.ensembles.classify(tenant, request, client_gone)
+        resolved, labels, works = await self._classify_works(tenant, request)
+        results = await self._run(works, tenant, client_gone)
+        targets = works[0].targets
+        outputs = [classify_output(labels, s) for s in label_scores(results, targets, request.length_normalize)]
+        return ClassifyResponse(task_id=request.task_id, prompt_version=resolved.version, outputs=outputs)
+
+    async def _classify_works(
+        self, tenant: str, request: ClassifyRequest
+    ) -> tuple[ResolvedPrompt, list[str], list[ClassifyWork]]:
         texts = self._admissible_texts(request.inputs)
         resolved = await self.registry.resolve(tenant, request.task_id, request.version)
         labels = self._admissible_labels(request.labels or resolved.task.metadata.labels)
         rows, targets = await self._tokenized(resolved, texts, labels)
         self._check_lengths(targets, "label")
         task = (tenant, request.task_id)
-        works = [ClassifyWork(row, task, targets) for row in rows]
-        results = await self._run(works, tenant, client_gone)
-        if request.length_normalize:
-            results = [[s / len(t) for s, t in zip(scores, targets, strict=True)] for scores in results]
-        outputs = [_classify_output(labels, scores) for scores in results]
-        return ClassifyResponse(task_id=request.task_id, prompt_version=resolved.version, outputs=outputs)
+        return resolved, labels, [ClassifyWork(row, task, targets) for row in rows]
 
     def _admissible_texts(self, inputs: str | list[str]) -> list[str]:
         """What the request alone decides, before any lookup or tokenizing: permanent refusals (422) first,
@@ -227,14 +275,20 @@ class InferenceService:
         self._check_costs(works)
         await self.rate_limits.admit(tenant, sum(work.cost for work in works))  # what it puts into model calls
 
-    async def _run(self, works: Sequence[Work[R]], tenant: str, client_gone: ClientGone | None) -> list[R]:
-        """Waits for the rows, the deadline, or the client leaving, whichever comes first.
+    async def _run(
+        self, works: Sequence[Work[R]], tenant: str, client_gone: ClientGone | None, deadline: float | None = None
+    ) -> list[R]:
+        """Admits the rows, then waits for them, the deadline, or the client leaving, whichever comes first.
 
         When the request ends for any reason its rows still queued or running are abandoned: the executor drops
-        them (queued), or stops spending work on them at the next group or step.
+        them (queued), or stops spending work on them at the next group or step. A `deadline` given
+        (`time.monotonic()`) marks a request's second submission (an ensemble's tie-break): its rows were admitted
+        and paid for with the first, and they share the request's deadline.
         """
-        await self._admit(works, tenant)
-        futures = self.executor.submit(works, tenant, self._deadline())
+        if deadline is None:
+            await self._admit(works, tenant)
+            deadline = self._deadline()
+        futures = self.executor.submit(works, tenant, deadline)
         results = asyncio.gather(*futures)
         watchers: set[asyncio.Future[Any]] = {results}
         gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
@@ -242,7 +296,7 @@ class InferenceService:
             watchers.add(gone)
         try:
             done, _ = await asyncio.wait(
-                watchers, timeout=self.limits.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
+                watchers, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
             )
             if results in done:
                 # A `Work[R]`'s row gets an `R`: the executor runs each work with its own kind's model call.
@@ -255,15 +309,3 @@ class InferenceService:
             if gone is not None:
                 gone.cancel()
             results.cancel()
-
-
-def _classify_output(labels: list[str], scores: list[float]) -> ClassifyOutput:
-    top = max(scores)
-    weights = [math.exp(s - top) for s in scores]
-    total = sum(weights)
-    best = max(range(len(labels)), key=scores.__getitem__)
-    return ClassifyOutput(
-        label=labels[best],
-        scores=dict(zip(labels, scores, strict=True)),
-        probs={label: w / total for label, w in zip(labels, weights, strict=True)},
-    )

@@ -144,6 +144,8 @@ class TrainingCheckpoint:
     best_step: int | None = None
     best_eval: dict[str, float] | None = None
     evals_since_best: int = 0
+    # An ensemble job's members trained before this one (`server.training.ensemble`); empty for one prompt.
+    finished_members: list[dict[str, Any]] = field(default_factory=list)
     format: int = CHECKPOINT_FORMAT
 
     def to_bytes(self) -> bytes:
@@ -223,8 +225,10 @@ class PromptTrainer:
         config: TrainingConfig | None = None,
         *,
         initial_prompt: torch.Tensor | None = None,
+        source_prompt: torch.Tensor | None = None,
     ) -> None:
         self.model = model
+        self.source_prompt = source_prompt  # init=task: the source task's prompt, of any length
         self.config = config or TrainingConfig()
         self.train_examples = as_examples(train)
         self.eval_examples = as_examples(eval)
@@ -326,6 +330,7 @@ class PromptTrainer:
         (first-seen order, up to 32 labels), the other slots are sampled like `vocab`: distinct ids drawn from
         the 5,000 lowest (the most frequent pieces of a SentencePiece vocabulary; every decodable id of a
         smaller one). random: uniform [-0.5, 0.5]. text: `init_text`'s token embeddings, repeated to length.
+        task: the source prompt's first P rows; a shorter source is followed by rows sampled like `vocab`.
         """
         cfg = self.config
         length, generator = cfg.prompt_length, torch.Generator().manual_seed(derive_seed(cfg.seed, _INIT_STREAM))
@@ -336,6 +341,8 @@ class PromptTrainer:
             if not ids:
                 raise ValueError("init_text has no tokens")
             return self._embedding_rows((ids * math.ceil(length / len(ids)))[:length])
+        if cfg.init == "task":
+            return self._transferred(length, generator)
         slots: list[torch.Tensor] = []
         # Free-text targets are no label set: class_labels then samples every slot, as `vocab` does.
         if cfg.init == "class_labels" and len(self.labels) <= MAX_RANK_LABELS:
@@ -345,6 +352,15 @@ class PromptTrainer:
                     slots.append(self._embedding_rows(ids).mean(dim=0, keepdim=True))
         rest = self._embedding_rows(self._sample_vocab_ids(length - len(slots), generator))
         return torch.cat([*slots, rest], dim=0)
+
+    def _transferred(self, length: int, generator: torch.Generator) -> torch.Tensor:
+        source = self.source_prompt
+        if source is None:
+            raise ValueError("init='task' needs the source task's prompt")
+        if source.ndim != 2 or source.shape[1] != self.model.d_model:
+            raise ValueError(f"the source prompt has shape {list(source.shape)}; its rows must be d_model wide")
+        kept = source.detach().to("cpu", torch.float32)[:length]
+        return torch.cat([kept, self._embedding_rows(self._sample_vocab_ids(length - kept.shape[0], generator))])
 
     def _sample_vocab_ids(self, count: int, generator: torch.Generator) -> list[int]:
         top = min(VOCAB_INIT_TOP_IDS, self.model.decodable_vocab)
