@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import warnings
@@ -260,6 +261,14 @@ def test_resume_from_a_checkpoint_repeats_the_uninterrupted_run(tiny: FrozenT5, 
         PromptTrainer(tiny, train[:-1], eval_set, config).train(resume_from=saved)
     with pytest.raises(ValueError, match="config"):
         PromptTrainer(tiny, train, eval_set, config.model_copy(update={"seed": 1})).train(resume_from=saved)
+
+    # A checkpoint written before `init_task` and `ensemble_size` existed resumes with their defaults.
+    fresh = TrainingCheckpoint.load(tmp_path / "job.ckpt")  # the runs above advanced `saved`'s optimizer state
+    older = dataclasses.replace(
+        fresh, config={k: v for k, v in fresh.config.items() if k not in ("init_task", "ensemble_size")}
+    )
+    older_run = PromptTrainer(tiny, train, eval_set, config).train(resume_from=older)
+    assert older_run.losses == full.losses
 
 
 # ------------------------------------------------------------------------------------------ job controls

@@ -500,7 +500,7 @@ class PromptTrainer:
 
     def restore(self, checkpoint: TrainingCheckpoint) -> None:
         """Continues from `checkpoint`; refuses one from another config, model width or train set."""
-        if checkpoint.config != self.config.model_dump():
+        if _with_defaults(checkpoint.config) != self.config.model_dump():
             raise ValueError("the checkpoint was made with a different training config")
         if checkpoint.fingerprint.get("d_model") != self.model.d_model:
             raise ValueError("the checkpoint was made for a model of another d_model")
@@ -608,3 +608,12 @@ def _to_cpu(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_to_cpu(item) for item in value)
     return value
+
+
+def _with_defaults(config: dict[str, Any]) -> dict[str, Any] | None:
+    """A checkpoint's stored config as today's `TrainingConfig` reads it: one written before a field existed
+    has that field's default (so it still resumes); None when it no longer reads."""
+    try:
+        return TrainingConfig.model_validate(config).model_dump()
+    except ValueError:
+        return None
