@@ -33,6 +33,7 @@ SCRIPTS = [
     "decode_vs_generate",
     "goodput",
     "ensemble",
+    "train_while_serving",
 ]
 
 

@@ -13,7 +13,6 @@ from collections import defaultdict
 import pytest
 import torch
 
-from server.engine.decoder import LeanDecoder
 from server.engine.protocol import (
     BeamRow,
     ClassifyRow,
@@ -29,6 +28,7 @@ from server.engine.protocol import (
     Token,
 )
 from server.engine.scheduler import Engine, EngineLimits
+from server.serving.decoder import LeanDecoder
 from server.serving.model import FrozenT5, Row
 from tests.test_mixed_batch import TOLERANCE, Alone, mixed_rows
 

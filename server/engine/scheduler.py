@@ -31,7 +31,6 @@ from typing import Generic, TypeVar
 
 import torch
 
-from server.engine.decoder import LeanDecoder
 from server.engine.protocol import (
     BeamRow,
     Cancel,
@@ -112,7 +111,7 @@ class Engine:
         self.model = model
         self.limits = limits
         self._emit = emit
-        self.decoder = LeanDecoder(model.model)
+        self.decoder = model.decoder
         self.cache = self.decoder.new_cache()
         self.chooser = TokenChooser(model.decodable_vocab, model.eos_token_id)
         self.runner = BatchRunner(model)

@@ -31,6 +31,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutput
 
+from server.serving.decoder import LeanDecoder
 from server.serving.load_errors import checked_device, load_failure
 from server.serving.tiny import build_tiny_t5
 
@@ -163,6 +164,7 @@ class FrozenT5:
         self.decodable_vocab = min(len(tokenizer), config.vocab_size)
         self._embed = self.model.get_input_embeddings()
         self._suppress = [SuppressUndecodable(self.decodable_vocab)] if self.decodable_vocab < config.vocab_size else []
+        self.decoder = LeanDecoder(self.model)  # label scoring; the engine's steps use one of their own
 
     @classmethod
     def load(cls, name: str, device: str = "auto", dtype: str = "auto") -> FrozenT5:
@@ -345,11 +347,8 @@ class FrozenT5:
             labels[j, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         labels = labels.to(self.device)
         index = torch.tensor(owners, device=self.device)
-        logits = self.model(
-            encoder_outputs=BaseModelOutput(last_hidden_state=hidden[index]),
-            attention_mask=mask[index],
-            decoder_input_ids=self.model._shift_right(labels),  # what `labels=` does, without computing a loss
-        ).logits
+        decoder_ids = self.model._shift_right(labels)  # what `labels=` does, without computing a loss
+        logits = self.decoder.teacher_forced(hidden, mask, index, decoder_ids)
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         picked = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return torch.where(labels != -100, picked, 0.0).sum(dim=-1).tolist()

@@ -168,12 +168,53 @@ class LeanDecoder:
             x = x * self.scale_output
         return (x @ self.lm_head.T)[:, 0]
 
+    @torch.inference_mode()
+    def teacher_forced(
+        self, hidden: torch.Tensor, mask: torch.Tensor, owners: torch.Tensor, decoder_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits `[C, T, vocab]` of every position of `decoder_ids` `[C, T]`, each candidate decoding against
+        the encoder output of row `owners[c]` (`hidden` `[m, E, d]`, `mask` `[m, E]`). Each row's
+        cross-attention keys and values are computed once, whatever the number of its candidates (what
+        `transformers`' forward would project again for every candidate)."""
+        candidates, length = decoder_ids.shape
+        width = hidden.shape[1]
+        bias = self._causal_bias(length)  # [1, heads, T, T]
+        cross_mask = _additive_mask(mask.sum(dim=1)[owners], width, self.dtype)
+        rows, slot = torch.unique(owners, return_inverse=True)  # only the rows these candidates decode against
+        encoded = hidden[rows]
+        x = self.embed(decoder_ids)
+        for block in self.blocks:
+            h = self._norm(x, block.self_norm)
+            projected = (h @ block.self_qkv.T).view(candidates, length, 3, self.heads, self.head_dim)
+            q, k, v = projected.permute(2, 0, 3, 1, 4)
+            x = x + self._attend(q, k, v, bias) @ block.self_out.T
+            h = self._norm(x, block.cross_norm)
+            q = (h @ block.cross_q.T).view(candidates, length, self.heads, self.head_dim).transpose(1, 2)
+            projected = (encoded @ block.cross_kv.T).view(-1, width, 2, self.heads, self.head_dim)
+            keys, values = projected.permute(2, 0, 3, 1, 4)
+            x = x + self._attend(q, keys[slot], values[slot], cross_mask) @ block.cross_out.T
+            x = x + self._feed_forward(self._norm(x, block.ff_norm), block)
+        x = self._norm(x, self.final_norm)
+        if self.scale_output is not None:
+            x = x * self.scale_output
+        return x @ self.lm_head.T
+
+    def _causal_bias(self, length: int) -> torch.Tensor:
+        positions = torch.arange(length, device=self.device)
+        relative = positions[None, :] - positions[:, None]  # key - query, [T, T]
+        buckets = T5Attention._relative_position_bucket(
+            relative, bidirectional=False, num_buckets=self.num_buckets, max_distance=self.max_distance
+        )
+        bias = self.position_bias(buckets).permute(2, 0, 1).unsqueeze(0)  # [1, heads, T, T]
+        return bias.masked_fill(relative > 0, float("-inf"))
+
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """T5 attention: no scaling, the position bias (and mask) added to the scores; one fused call."""
-        if q.dim() == 3:  # [n, heads, head_dim] -> [n, heads, 1, head_dim]
+        """T5 attention: no scaling, the position bias (and mask) added to the scores; one fused call. `q` is
+        `[n, heads, queries, head_dim]` (or `[n, heads, head_dim]` for one query); returns `[n, queries, inner]`."""
+        if q.dim() == 3:
             q = q.unsqueeze(2)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=1.0)  # [n, heads, 1, head_dim]
-        return out.transpose(1, 2).reshape(q.shape[0], 1, self.heads * self.head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=1.0)
+        return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], self.heads * self.head_dim)
 
     def _self_bias(self, positions: torch.Tensor, width: int) -> torch.Tensor:
         """T5's decoder bias for each row's query at its own position over keys `0..width-1`; keys past the
