@@ -272,14 +272,16 @@ def batch_means(base_url: str) -> dict[str, float]:
         for sample in family.samples
         if sample.name.endswith(("_sum", "_count"))
     }
+    def mean(metric: str) -> float:
+        count = values.get(f"softserve_{metric}_count", 0.0)
+        return values[f"softserve_{metric}_sum"] / count if count else 0.0
+
+    # With the continuous engine a "batch" is one decoder step; with the static path, one `generate` call.
     return {
-        name: values[f"softserve_{metric}_sum"] / values[f"softserve_{metric}_count"]
-        for name, metric in [
-            ("rows", "batch_size"),
-            ("tasks", "batch_tasks"),
-            ("model_s", "inference_duration_seconds"),
-            ("queue_wait_s", "queue_wait_seconds"),
-        ]
+        "rows": mean("batch_size"),
+        "tasks": mean("batch_tasks"),
+        "model_s": mean("inference_duration_seconds") or mean("decoder_step_duration_seconds"),
+        "queue_wait_s": mean("queue_wait_seconds"),
     }
 
 
