@@ -272,6 +272,7 @@ def batch_means(base_url: str) -> dict[str, float]:
         for sample in family.samples
         if sample.name.endswith(("_sum", "_count"))
     }
+
     def mean(metric: str) -> float:
         count = values.get(f"softserve_{metric}_count", 0.0)
         return values[f"softserve_{metric}_sum"] / count if count else 0.0
