@@ -67,6 +67,13 @@ class Settings(BaseSettings):
         description="rows in flight before 503: waiting for or in the decoder step (continuous), waiting for a "
         "batch (static)",
     )
+    shed_delay_ms: float = Field(
+        250.0,
+        ge=0,
+        le=10_000,
+        description="a request shed because the queue is full gets its 503 after this delay, so that clients "
+        "retrying at once cannot take the server's time from the requests it is serving",
+    )
     prompt_cache_mb: float = Field(512.0, gt=0, description="device prompt cache budget")
     preload_tasks: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -30,13 +30,16 @@ LONG = {"max_new_tokens": 256, "ignore_eos": True}
 
 
 def test_a_full_engine_sheds_before_the_body_is_read(tmp_path: Path, tiny: FrozenT5) -> None:
-    with serving(tmp_path, tiny, max_queue_size=4) as client:
+    with serving(tmp_path, tiny, max_queue_size=4, shed_delay_ms=300) as client:
         upload(client, "t", random_prompt(5, tiny.d_model, seed=1))
         with pending_request(client, "/v1/generate", generate_body("t", ["x"] * 4, **LONG)):
             wait_for_metric(client, "softserve_engine_active_rows", 4)
             with pending_request(client, "/v1/classify", b"", declared_length=10**6) as bodiless:
+                sent = time.monotonic()
                 shed = read_response(bodiless)  # answered though its body never comes
+                held = time.monotonic() - sent
             assert shed.status == 503 and int(shed.getheader("Retry-After", "0")) >= 1
+            assert held >= 0.3  # a client retrying at once waits for its 503 (a lower bound, not a timing)
             assert json.loads(shed.read())["error"]["code"] == "overloaded"
         wait_for_metric(client, "softserve_engine_active_rows", 0)  # the client left: its rows left too
         assert metric(client.get("/metrics").text, "softserve_engine_rows_left_total", reason="cancelled") == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -30,7 +31,8 @@ class ShedWhenFull(APIRoute):
     """Answers 503 before the body is read, parsed or validated when the queue has no room for even one row.
 
     A flood of requests that would all be refused then costs almost nothing, and the requests already
-    accepted keep the server's time. Any request that could fit goes on to the full checks (and a request
+    accepted keep the server's time. The 503 is sent after `shed_delay_ms`, so a client that retries at once
+    (a retry storm, or a hostile tenant) sends a few requests a second per connection, not thousands. Any request that could fit goes on to the full checks (and a request
     that can never be served gets its 422 there, once the queue has room).
     """
 
@@ -38,7 +40,13 @@ class ShedWhenFull(APIRoute):
         handler = super().get_route_handler()
 
         async def shed_or_handle(request: Request) -> Response:
-            return _shed(request) or await handler(request)
+            shed = _shed(request)
+            if shed is None:
+                return await handler(request)
+            # A client that retries a 503 at once would otherwise take the event loop (and the cores) from
+            # the requests being served; `Retry-After` asked it to wait longer than this anyway.
+            await asyncio.sleep(request.app.state.lifecycle.settings.shed_delay_ms / 1000)
+            return shed
 
         return shed_or_handle
 
