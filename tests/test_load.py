@@ -74,9 +74,8 @@ def test_overload_sheds_with_503_and_serves_every_accepted_request_correctly(tmp
 
 
 def test_a_flooding_tenant_does_not_starve_a_quiet_one(tmp_path: Path) -> None:
-    """The batcher takes rows round-robin across tenants: B waits for at most the batch in flight and its
-    own, never behind A's whole queue. Compared with B's latency on the same server when idle (the batcher
-    waits up to `max_wait_ms` to fill a batch; under load batches fill at once)."""
+    """The engine admits rows round-robin across tenants: B waits for at most the rows in flight and its own,
+    never behind A's whole queue. Compared with B's latency on the same server when idle."""
     # One model thread: on two shared cores the flood's HTTP work and the model's threads would otherwise
     # fight over the cores and the latencies would measure that, not the batcher.
     flags = ("--max-batch-size", "16", "--max-active-rows", "16", "--max-wait-ms", "25", "--max-queue-size", "4096")
@@ -120,8 +119,11 @@ def test_a_flooding_tenant_does_not_starve_a_quiet_one(tmp_path: Path) -> None:
         summary = (
             f"idle: median {median(idle):.3f}s, p90 {p90(idle):.3f}s; flood: {median(loaded):.3f}s, {p90(loaded):.3f}s"
         )
-        assert median(loaded) <= 2 * median(idle), summary
-        assert p90(loaded) <= 2 * p90(idle), summary
+        # Fair: B waits for at most the rows in flight (one generation: A's rows join and finish together, so a
+        # place frees when they end) and then its own generation, plus the flood's HTTP work: under 3x idle.
+        # Starved, B would wait behind A's whole queue, 4 generations deep: 5x or more.
+        assert median(loaded) <= 3 * median(idle), summary
+        assert p90(loaded) <= 3 * p90(idle), summary
 
 
 def p90(values: list[float]) -> float:
