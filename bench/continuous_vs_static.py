@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import re
 import statistics
 import sys
 import tempfile
@@ -35,9 +34,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import common  # noqa: F401  (before torch: the server's OpenMP wait policy, see common.py)
-import httpx
 from common import (
     Comparison,
+    KeepAliveConnection,
     input_texts,
     interleaved,
     markdown_table,
@@ -64,8 +63,6 @@ SHORT = (2, 4)
 LONG = (64, 128)
 QUICK_LONG = (8, 16)  # a smoke run's long requests: a static batch then takes a second or two
 SCHEDULERS = ("continuous", "static")
-
-CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -96,52 +93,27 @@ def workload(count: int, texts: int, long: tuple[int, int], seed: int) -> list[A
     ]
 
 
-class Connection:
-    """One HTTP/1.1 keep-alive connection: a request written at once, the response body read by its
-    Content-Length (cheap per request: this client shares the two cores with the servers)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        if self._streams is None:
-            self._streams = await asyncio.open_connection(self.host, self.port)
-        reader, writer = self._streams
-        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-        writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        response = await reader.readuntil(b"\r\n\r\n")
-        length = CONTENT_LENGTH.search(response)
-        return int(response[9:12]), await reader.readexactly(int(length.group(1)) if length else 0)
-
-    def close(self) -> None:
-        if self._streams is not None:
-            self._streams[1].close()
-            self._streams = None
-
-
 async def closed_loop(url: str, texts: list[str], asks: list[Ask], warm: int, measured: int) -> list[Completion]:
     """`CLIENTS` clients take the next ask as soon as their previous one is answered, until `warm + measured`
     have completed; returns every completion in order of arrival (in-flight ones finish first)."""
     total = warm + measured
     pending = iter(asks)
     completions: list[Completion] = []
-    target = httpx.URL(url)
 
     async def client() -> None:
-        connection = Connection(target.host, target.port or 80)
+        connection = KeepAliveConnection(url)
         try:
             while len(completions) < total and (ask := next(pending, None)) is not None:
                 parameters = {"max_new_tokens": ask.max_new_tokens, "ignore_eos": True}
                 body = {"task_id": f"task{ask.task}", "inputs": texts[ask.text], "parameters": parameters}
                 sent = time.perf_counter()
-                status, answer = await connection.post("/v1/generate", json.dumps(body).encode())
+                status, answer = await connection.exchange("/v1/generate", json.dumps(body).encode())
                 if status != 200:
                     raise RuntimeError(f"{url} answered {status}: {answer[:300]!r}")
                 num_tokens = json.loads(answer)["outputs"][0]["num_tokens"]
                 completions.append(Completion(ask, num_tokens, sent, time.perf_counter()))
         finally:
-            connection.close()
+            await connection.close()
 
     await asyncio.gather(*(client() for _ in range(CLIENTS)))
     if len(completions) < total:

@@ -42,7 +42,6 @@ import functools
 import json
 import multiprocessing
 import os
-import re
 import sys
 import tempfile
 import time
@@ -57,6 +56,7 @@ from common import (
     BATCH_SIZE,
     MAX_NEW_TOKENS,
     TORCH_LOADED_BEFORE_SERVER,
+    KeepAliveConnection,
     checkpoint_server,
     compare,
     environment,
@@ -101,38 +101,6 @@ class LoadResult:
 
 
 Post = Callable[[bytes], Awaitable[int]]  # sends one JSON body to /v1/generate, returns the HTTP status
-
-CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
-CONNECTION_CLOSE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
-
-
-class KeepAliveConnection:
-    """The lean client: one HTTP/1.1 keep-alive connection, a request written at once, the response read
-    by its Content-Length. Per request it costs a small fraction of httpx's CPU time, which matters
-    because the client shares the cores with the server."""
-
-    def __init__(self, base_url: str) -> None:
-        url = httpx.URL(base_url)
-        self.host, self.port = url.host, url.port
-        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-
-    async def post(self, path: str, body: bytes) -> int:
-        if self._streams is None:
-            self._streams = await asyncio.open_connection(self.host, self.port)
-        reader, writer = self._streams
-        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-        writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        response = await reader.readuntil(b"\r\n\r\n")
-        length = CONTENT_LENGTH.search(response)
-        await reader.readexactly(int(length.group(1)) if length else 0)
-        if CONNECTION_CLOSE.search(response):
-            await self.close()
-        return int(response[9:12])
-
-    async def close(self) -> None:
-        if self._streams is not None:
-            self._streams[1].close()
-            self._streams = None
 
 
 @contextlib.asynccontextmanager

@@ -72,9 +72,17 @@ class Driven:
         return final.reason
 
 
-def generate_row(request_id: int, row: Row, max_new_tokens: int, tenant: str = "t", **kwargs: object) -> GenerateRow:
-    sampling = kwargs.pop("sampling", Sampling())
-    return GenerateRow(request_id, tenant, RowInput(row.prompt, row.input_ids), sampling, max_new_tokens, **kwargs)  # type: ignore[arg-type]
+def generate_row(
+    request_id: int,
+    row: Row,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    ignore_eos: bool = False,
+    deadline: float | None = None,
+) -> GenerateRow:
+    return GenerateRow(
+        request_id, "t", RowInput(row.prompt, row.input_ids), sampling, max_new_tokens, ignore_eos, deadline
+    )
 
 
 def test_rows_joining_at_different_steps_equal_generate_alone(model: FrozenT5) -> None:

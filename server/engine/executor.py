@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from transformers import PreTrainedTokenizerBase
+
 from server.engine.client import EngineClient, RowEvents
 from server.engine.protocol import (
     BeamRow,
@@ -131,18 +133,14 @@ class TokenStream:
     async def __aiter__(self) -> AsyncIterator[StreamedToken]:
         """Yields each token; sets `result` at the end. Raises the row's error, if it ends with one; a consumer
         that stops early (its client left) cancels the row."""
-        tokenizer = self.executor.model.tokenizer
+        text = IncrementalText(self.executor.model.tokenizer)
         eos = self.executor.model.eos_token_id
-        shown = ""
         try:
             while True:
                 event = await self.events.get()
                 if isinstance(event, Token):
                     self.tokens.append(event.token_id)
-                    text = "" if event.token_id == eos else tokenizer.decode(self.tokens, skip_special_tokens=True)
-                    added = ""
-                    if text.startswith(shown) and not text.endswith("\ufffd"):
-                        added, shown = text[len(shown) :], text
+                    added = "" if event.token_id == eos else text.added(self.tokens)
                     yield StreamedToken(len(self.tokens) - 1, event.token_id, added)
                 elif isinstance(event, Finished):
                     raise_unless_done(event)
@@ -153,6 +151,25 @@ class TokenStream:
         finally:
             if self.result is None:
                 self.executor.client.cancel([self.request_id])
+
+
+class IncrementalText:
+    """The text each new token adds, decoding only a window of the latest tokens (not the whole row each
+    time): the window starts one token before the last text shown, so a piece's leading space (which a
+    decode drops at its start) is kept, and text ending in an unfinished character is held back."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.prefix = 0  # the window's first token
+        self.read = 0  # tokens whose text has been shown
+
+    def added(self, tokens: list[int]) -> str:
+        shown = self.tokenizer.decode(tokens[self.prefix : self.read], skip_special_tokens=True)
+        text = self.tokenizer.decode(tokens[self.prefix :], skip_special_tokens=True)
+        if len(text) <= len(shown) or text.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(tokens)
+        return text[len(shown) :]
 
 
 def raise_unless_done(event: Finished) -> None:

@@ -284,19 +284,16 @@ class FrozenT5:
         return [self.device] if self.device.type == "cuda" else []
 
     def finished(self, tokens: list[int], reason: str) -> Generation:
-        """A row the engine ended: its new tokens (EOS last when it ended the row) and their text."""
+        """A row that ended: its new tokens (EOS last when it ended the row) and their text."""
         text_ids = tokens[:-1] if reason == "eos" else tokens
         return Generation(tokens, self.tokenizer.decode(text_ids, skip_special_tokens=True), reason)
 
     def _finish(self, tokens: list[int], max_new_tokens: int) -> Generation:
+        """A `generate` row: cut to its own limit, and at its first EOS."""
         tokens = tokens[:max_new_tokens]
         if self.eos_token_id in tokens:
-            end = tokens.index(self.eos_token_id)
-            text_ids, kept, reason = tokens[:end], tokens[: end + 1], "eos"
-        else:
-            text_ids, kept, reason = tokens, tokens, "length"
-        text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
-        return Generation(token_ids=kept, text=text, finish_reason=reason)
+            return self.finished(tokens[: tokens.index(self.eos_token_id) + 1], "eos")
+        return self.finished(tokens, "length")
 
     @torch.inference_mode()
     def score(
