@@ -43,6 +43,7 @@ import common  # noqa: F401  (before torch: the server's OpenMP wait policy, see
 import httpx
 from common import (
     Comparison,
+    KeepAliveConnection,
     checkpoint_server,
     input_texts,
     interleaved,
@@ -54,7 +55,7 @@ from common import (
     results_file,
     upload_prompts,
 )
-from continuous_vs_static import Connection, descendants
+from continuous_vs_static import descendants
 from prometheus_client.parser import text_string_to_metric_families
 from server_vs_raw import process_cpu_s
 
@@ -90,15 +91,16 @@ async def closed_loop(url: str, bodies: list[bytes], warm: int, measured: int) -
     `warm + measured` have completed; returns every completion in order of arrival (in-flight ones finish)."""
     total = warm + measured
     completions: list[Completion] = []
-    target = httpx.URL(url)
 
     async def client(index: int) -> None:
-        connection = Connection(target.host, target.port or 80)
+        connection = KeepAliveConnection(url)
         try:
             count = 0
             while len(completions) < total:
                 sent = time.perf_counter()
-                status, answer = await connection.post("/v1/generate", bodies[(index + count * CLIENTS) % len(bodies)])
+                status, answer = await connection.exchange(
+                    "/v1/generate", bodies[(index + count * CLIENTS) % len(bodies)]
+                )
                 if status != 200:
                     raise RuntimeError(f"{url} answered {status}: {answer[:300]!r}")
                 if (tokens := json.loads(answer)["outputs"][0]["num_tokens"]) != NEW_TOKENS:
@@ -106,7 +108,7 @@ async def closed_loop(url: str, bodies: list[bytes], warm: int, measured: int) -
                 completions.append(Completion(sent, time.perf_counter()))
                 count += 1
         finally:
-            connection.close()
+            await connection.close()
 
     await asyncio.gather(*(client(i) for i in range(CLIENTS)))
     return completions
