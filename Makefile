@@ -22,12 +22,18 @@ install: $(BIN)/python
 	$(BIN)/pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(BIN)/pip install -q -e .
 
+# The suite smoke-runs every benchmark, so it needs the benchmarks' extra too.
 install-test: install
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,bench]"
 
+# `kubectl kustomize` renders deploy/kubernetes/ in the tests (no cluster). Debian's own archive has no `kubectl`
+# (bookworm's `kubernetes-client` is 1.20, whose kustomize cannot read these files): the package comes from the
+# Kubernetes apt repository (pkgs.k8s.io) or Google's (packages.cloud.google.com).
 redis:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+	@command -v kubectl >/dev/null || { apt-get update -qq && apt-get install -y -qq kubectl >/dev/null; } \
+		|| { echo "kubectl is missing: add the apt repository of https://pkgs.k8s.io and run make again" >&2; exit 1; }
 
 run: install
 	$(BIN)/softserve serve

@@ -27,18 +27,23 @@ import os
 import platform
 import random
 import re
+import resource
+import shutil
+import signal
 import statistics
 import string
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-_POLICY_BEFORE_SERVER = os.environ.get("OMP_WAIT_POLICY")
+POLICY_BEFORE_SERVER = os.environ.get("OMP_WAIT_POLICY")
+"""The wait policy of the environment the bench was started in, before `import server` set the server's."""
 TORCH_LOADED_BEFORE_SERVER = "torch" in sys.modules
 
 import server  # noqa: E402, F401  (sets the OpenMP wait policy the server runs with, for a torch not yet loaded)
@@ -48,7 +53,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 OMP_WAIT_POLICY = (
-    _POLICY_BEFORE_SERVER if TORCH_LOADED_BEFORE_SERVER else os.environ.get("OMP_WAIT_POLICY")
+    POLICY_BEFORE_SERVER if TORCH_LOADED_BEFORE_SERVER else os.environ.get("OMP_WAIT_POLICY")
 ) or "unset (libgomp's default: spin a while, then sleep)"
 """The wait policy torch's OpenMP threads in this process run under."""
 
@@ -106,13 +111,32 @@ def results_file(options: argparse.Namespace, bench: str, *variant: str) -> Path
     return directory / ("-".join([*parts, *variant]) + ".json")
 
 
+MEASURED_CODE = ("server", "prompt_store", "bench")  # what a result depends on, for its `revision` and `dirty`
+
+
+def code_revision() -> dict[str, object]:
+    """The commit of the code that produced a result, and whether that code had uncommitted changes (a result of
+    a dirty tree cannot be traced to a commit). Empty outside a git checkout."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+
+    try:
+        revision = git("rev-parse", "HEAD").strip()
+        dirty = bool(git("status", "--porcelain", "--", *MEASURED_CODE, ":(exclude)bench/results").strip())
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"revision": revision, "dirty": dirty}
+
+
 def publish(result: dict[str, object], destination: Path | None) -> None:
     """Prints `result` as the run's last line, one JSON object, and writes that line to `destination`,
     with how the run was started, so that a figure can be traced to the run that printed it."""
     script = Path(sys.argv[0]).resolve()
     script_name = script.relative_to(REPO_ROOT).as_posix() if script.is_relative_to(REPO_ROOT) else sys.argv[0]
     command = " ".join(["python", script_name, *sys.argv[1:]])
-    line = json.dumps(result | {"command": command, "cpus": os.cpu_count(), "machine": platform.machine()})
+    provenance = {"command": command, "cpus": os.cpu_count(), "machine": platform.machine(), **code_revision()}
+    line = json.dumps(result | provenance)
     print(line, flush=True)
     if destination is not None:
         destination.parent.mkdir(parents=True, exist_ok=True)
@@ -342,3 +366,111 @@ class KeepAliveConnection:
         if self._streams is not None:
             self._streams[1].close()
             self._streams = None
+
+
+WRK_SCRIPT = Path(__file__).resolve().with_name("wrk_generate.lua")
+WRK_RESULT = re.compile(r"^wrk-result (\{.*\})$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class WrkRun:
+    """One wrk run of `wrk_generate.lua`: its answers by status, its latencies, and wrk's own CPU time."""
+
+    ok: int
+    rejected: int
+    other: int
+    seconds: float
+    socket_errors: int
+    timeouts: int
+    latency_p50_ms: float
+    latency_p99_ms: float
+    cpu_s: float
+
+    @property
+    def ok_per_s(self) -> float:
+        return self.ok / self.seconds
+
+    @property
+    def share_503(self) -> float:
+        return self.rejected / max(1, self.ok + self.rejected + self.other)
+
+
+def require_wrk(bench: str) -> None:
+    """Exits with a message if the C load generator is missing."""
+    if shutil.which("wrk") is None:
+        sys.exit(f"{bench}: wrk is not installed; install it with `apt-get install wrk`")
+
+
+def write_bodies(path: Path, bodies: Sequence[dict[str, object]]) -> Path:
+    """The `POST /v1/generate` bodies that `wrk_generate.lua` sends in turn, one JSON object a line."""
+    path.write_text("".join(json.dumps(body) + "\n" for body in bodies))
+    return path
+
+
+class Wrk:
+    """One wrk run of `seconds` with `connections` keep-alive connections, each posting the next body as soon as
+    its previous answer arrives, started in the background. One wrk thread: the client's CPU is taken from the
+    same cores as the server's."""
+
+    def __init__(self, url: str, bodies: Path, connections: int, seconds: int) -> None:
+        command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "60s", "-s", str(WRK_SCRIPT)]
+        self.seconds = seconds
+        self._children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self._process = subprocess.Popen(
+            [*command, url, "--", str(bodies)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def stop(self) -> None:
+        """Ends the run early (wrk stops on SIGINT as at the end of its duration, and reports)."""
+        self._process.send_signal(signal.SIGINT)
+
+    def result(self) -> WrkRun:
+        """Waits for the run to end; its counts, and wrk's CPU time (the bench's other children must not end
+        meanwhile: it is read from the children's usage)."""
+        try:
+            stdout, stderr = self._process.communicate(timeout=self.seconds + 120)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            raise
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        found = WRK_RESULT.search(stdout)
+        if self._process.returncode != 0 or found is None:
+            raise RuntimeError(f"wrk failed ({self._process.returncode}): {stdout[-2000:]} {stderr[-2000:]}")
+        before = self._children_before
+        cpu_s = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+        return WrkRun(**json.loads(found.group(1)), cpu_s=cpu_s)
+
+
+def wrk(url: str, bodies: Path, connections: int, seconds: int) -> WrkRun:
+    """One wrk run (see `Wrk`), waited for."""
+    return Wrk(url, bodies, connections, seconds).result()
+
+
+def settle(url: str, body: dict[str, object], timeout_s: float = 300) -> None:
+    """Returns once a request sent now is answered 200: wrk leaves requests in flight when it stops, and the
+    rows queued before this one must be done (or dropped) before the next run starts on an empty server."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=url, timeout=timeout_s) as http:
+        while http.post("/v1/generate", json=body).status_code != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer 200 within {timeout_s} s")
+            time.sleep(0.05)
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) that process `pid` has used (Linux /proc; 0 elsewhere)."""
+    with suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and the processes it started (the continuous server's engine process), from Linux /proc."""
+    found, frontier = [pid], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+            found.append(int(child))
+            frontier.append(int(child))
+    return found

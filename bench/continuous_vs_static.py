@@ -37,17 +37,18 @@ import common  # noqa: F401  (before torch: the server's OpenMP wait policy, see
 from common import (
     Comparison,
     KeepAliveConnection,
+    descendants,
     input_texts,
     interleaved,
     markdown_table,
     parser,
     percentile,
+    process_cpu_s,
     publish,
     random_prompts,
     results_file,
     upload_prompts,
 )
-from server_vs_raw import process_cpu_s
 
 from server.serving.tiny import build_tiny_t5
 from tests.checkpoints import save_checkpoint, t5_small_config
@@ -187,17 +188,6 @@ class Plan:
     def asks(self, round_: int) -> list[Ask]:
         """The round's requests, the same for both sides; more than a sample can use (the closed loop stops)."""
         return workload(4 * (self.warm + self.measured) + CLIENTS, self.texts, self.long, self.seed + round_)
-
-
-def descendants(pid: int) -> list[int]:
-    """`pid` and the processes it started (the continuous server's engine process), from Linux /proc."""
-    found, frontier = [pid], [pid]
-    while frontier:
-        parent = frontier.pop()
-        for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
-            found.append(int(child))
-            frontier.append(int(child))
-    return found
 
 
 def main(argv: list[str] | None = None) -> None:

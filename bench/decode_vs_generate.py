@@ -17,8 +17,9 @@ sides is reported too (it should be 1: the loop matches `generate` within roundi
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from functools import partial
+from typing import TypeVar
 
 import common  # noqa: F401  (before torch: the server's OpenMP wait policy, see common.py)
 import torch
@@ -39,14 +40,16 @@ from common import (
 )
 from transformers import GenerationConfig, LogitsProcessorList
 
+from server.engine.engine import Engine
+from server.engine.limits import EngineLimits
 from server.engine.protocol import Event, Failed, Finished, GenerateRow, RowInput, Sampling, StepStats, Token
-from server.engine.scheduler import Engine, EngineLimits
 from server.serving.model import BanToken, FrozenT5, Row, SuppressUndecodable
 
 TARGET = 1.3  # batch 1
 TARGET_AT_LARGEST = 1.0
 BATCH_SIZES = (1, 8, 32)
 ENGINE, GENERATE = "engine loop", "generate"
+Batch = TypeVar("Batch", bound=Sized)  # the rows one side decodes: `Row`s, or CTranslate2's token lists
 
 
 class EngineLoop:
@@ -56,7 +59,11 @@ class EngineLoop:
 
     def __init__(self, model: FrozenT5, rows: int) -> None:
         limits = EngineLimits(
-            max_active_rows=rows, max_cached_tokens=2**30, max_batch_size=rows, max_batch_tokens=2**30
+            max_active_rows=rows,
+            max_cached_tokens=2**30,
+            max_batch_size=rows,
+            max_batch_tokens=2**30,
+            pass_budget_tokens=2**30,  # every row joins in the first pass, as `generate` encodes them all at once
         )
         self.engine = Engine(model, limits, self._collect)
         self._tokens: dict[int, list[int]] = {}
@@ -72,14 +79,23 @@ class EngineLoop:
             elif isinstance(event, Failed):
                 raise RuntimeError(f"row {event.request_id} failed: {event.message}")
 
-    def decode(self, rows: list[Row], new_tokens: int) -> list[list[int]]:
+    def decode(self, rows: list[Row], new_tokens: int, grammar: str | None = None) -> list[list[int]]:
+        """Exactly `new_tokens` per row: end-of-sequence banned, or (with a `grammar`) one that cannot end sooner."""
         ids = list(range(self._next_id, self._next_id + len(rows)))
         self._next_id += len(rows)
         self._tokens = {request_id: [] for request_id in ids}
         self._unfinished = set(ids)
         self.engine.submit(
             [
-                GenerateRow(i, "bench", RowInput(row.prompt, row.input_ids), Sampling(), new_tokens, ignore_eos=True)
+                GenerateRow(
+                    i,
+                    "bench",
+                    RowInput(row.prompt, row.input_ids),
+                    Sampling(),
+                    new_tokens,
+                    ignore_eos=grammar is None,
+                    grammar=grammar,
+                )
                 for i, row in zip(ids, rows, strict=True)
             ]
         )
@@ -107,7 +123,8 @@ def generate(model: FrozenT5, rows: list[Row], new_tokens: int) -> list[list[int
     return sequences[:, 1:].tolist()
 
 
-def tokens_per_s(decode: Callable[[list[Row], int], object], rows: list[Row], new_tokens: int, calls: int) -> float:
+def tokens_per_s(decode: Callable[[Batch, int], object], rows: Batch, new_tokens: int, calls: int) -> float:
+    """New tokens per second of `calls` calls of `decode(rows, new_tokens)` on the model thread."""
     seconds = timed(lambda: [decode(rows, new_tokens) for _ in range(calls)])
     return len(rows) * new_tokens * calls / seconds
 
@@ -156,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         "bench": "decode_vs_generate",
         "ratio": round(ratio, 4),
         "target": TARGET,
-        "meets_target": ratio >= TARGET and at_largest >= TARGET_AT_LARGEST,
+        # Speed counts only for the same tokens: a faster loop that decodes other tokens misses the target.
+        "meets_target": ratio >= TARGET and at_largest >= TARGET_AT_LARGEST and min(agreement.values()) == 1.0,
         f"ratio_batch_{largest}": round(at_largest, 4),
         f"target_batch_{largest}": TARGET_AT_LARGEST,
         "ratios": {str(batch): round(c.ratio, 4) for batch, c in comparisons.items()},

@@ -1,7 +1,7 @@
 """Goodput under a retry storm: successful requests/s with 8x the queue's worth of connections ÷ with the queue's worth.
 
 A `softserve serve` process (a random model with t5-small's shapes, saved as a checkpoint) with a small queue
-(`--max-queue-size 32`, 16 rows per batch or decoder step) serves 4 tasks. wrk (`bench/goodput.lua`) drives
+(`--max-queue-size 32`, 16 rows per batch or decoder step) serves 4 tasks. wrk (`bench/wrk_generate.lua`) drives
 it with N keep-alive connections, each sending `POST /v1/generate` (one 32-token input, 4 new tokens,
 `ignore_eos`) as soon as its previous answer arrives: at N = 32 (the queue's worth) nothing is refused;
 at N = 256 (8x) most requests are refused with 503 and sent again at once, ignoring Retry-After, as
@@ -18,30 +18,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import common  # noqa: F401  (before torch: the server's OpenMP wait policy, see common.py)
-import httpx
 from common import (
     Comparison,
+    WrkRun,
     input_texts,
     interleaved,
     markdown_table,
     parser,
     publish,
     random_prompts,
+    require_wrk,
     results_file,
+    settle,
     upload_prompts,
+    write_bodies,
+    wrk,
 )
 
 from server.serving.tiny import build_tiny_t5
@@ -55,49 +54,6 @@ ROWS = 16  # max_batch_size (static) and max_active_rows (continuous)
 STORM = 8  # connections: this many times the queue's worth
 NEW_TOKENS = 4
 SCHEDULERS = ("continuous", "static")
-LUA = Path(__file__).resolve().with_name("goodput.lua")
-RESULT_LINE = re.compile(r"^goodput-result (\{.*\})$", re.MULTILINE)
-
-
-@dataclass(frozen=True)
-class WrkRun:
-    ok: int
-    rejected: int
-    other: int
-    seconds: float
-    socket_errors: int
-    timeouts: int
-    latency_p50_ms: float
-    latency_p99_ms: float
-
-    @property
-    def ok_per_s(self) -> float:
-        return self.ok / self.seconds
-
-    @property
-    def share_503(self) -> float:
-        return self.rejected / max(1, self.ok + self.rejected + self.other)
-
-
-def wrk(url: str, bodies: Path, connections: int, seconds: int) -> WrkRun:
-    """One wrk run (one thread: the client's CPU is taken from the same two cores as the server's)."""
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "60s", "-s", str(LUA), url]
-    done = subprocess.run([*command, "--", str(bodies)], capture_output=True, text=True, timeout=seconds + 120)
-    found = RESULT_LINE.search(done.stdout)
-    if done.returncode != 0 or found is None:
-        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-2000:]} {done.stderr[-2000:]}")
-    return WrkRun(**json.loads(found.group(1)))
-
-
-def settle(url: str, body: dict[str, object], timeout_s: float = 300) -> None:
-    """Returns once a request sent now is answered 200: wrk leaves requests in flight when it stops, and the
-    rows queued before this one must be done (or dropped) before the next run starts on an empty server."""
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(base_url=url, timeout=timeout_s) as http:
-        while http.post("/v1/generate", json=body).status_code != 200:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not answer 200 within {timeout_s} s")
-            time.sleep(0.05)
 
 
 class Phases:
@@ -148,8 +104,7 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> None:
-    if shutil.which("wrk") is None:
-        sys.exit("goodput: wrk is not installed; install it with `apt-get install wrk`")
+    require_wrk("goodput")
     args = parser(__doc__.splitlines()[0], repeats=4)
     args.add_argument("--seconds", type=int, default=10, help="length of each wrk run")
     args.add_argument("--engine", choices=["process", "thread"], default="process", help="the continuous engine's")
@@ -163,12 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     texts = input_texts(counter, 4 * TASKS, options.seed)  # type: ignore[arg-type]  (it only tokenizes)
     parameters = {"max_new_tokens": NEW_TOKENS, "ignore_eos": True}
     with tempfile.TemporaryDirectory() as tmp:
-        bodies = Path(tmp) / "bodies.jsonl"
-        bodies.write_text(
-            "".join(
-                json.dumps({"task_id": f"task{i % TASKS}", "inputs": text, "parameters": parameters}) + "\n"
-                for i, text in enumerate(texts)
-            )
+        bodies = write_bodies(
+            Path(tmp) / "bodies.jsonl",
+            [{"task_id": f"task{i % TASKS}", "inputs": text, "parameters": parameters} for i, text in enumerate(texts)],
         )
         checkpoint = save_checkpoint(t5_small_config(), Path(tmp) / "model")
         phases = {name: measure(name, checkpoint, Path(tmp), bodies, options, repeats) for name in SCHEDULERS}

@@ -1,4 +1,4 @@
-"""End-to-end HTTP throughput of the server ÷ the raw model's throughput on the same batches.
+"""End-to-end HTTP throughput of the server ÷ the raw model's best throughput on the same rows (batch 32 or 64).
 
 Each side runs as it really would. The server side is a real `softserve serve` process serving a random
 model with t5-small's shapes, saved as a checkpoint: like every `softserve serve` it sets
@@ -8,47 +8,36 @@ one per core). The raw side is this process, a plain script: it loads torch befo
 started in (usually unset), and torch's default threads (one per core); it loads the same checkpoint
 with `FrozenT5.load` and calls `FrozenT5.generate` directly. Both policies are in the JSON result.
 
-Server side: 32 prompts of 20 tokens uploaded with `PUT /v1/prompts/{task_id}` as safetensors, and a
-closed loop of 64 clients (client c always asks for task c mod 32), each with one request of one
-32-token input and `max_new_tokens=4` in flight at a time; with `max_batch_size=32` every batch is
-32 rows of (typically) 25-30 different tasks.
+Server side: 32 prompts of 20 tokens uploaded with `PUT /v1/prompts/{task_id}` as safetensors; wrk, the C
+load generator (`bench/wrk_generate.lua`, one thread), keeps 64 keep-alive connections busy, each sending the
+next of 64 bodies (body i: task i mod 32, its own 32-token input, `max_new_tokens=4`) as soon as its previous
+answer arrives. One sample: the server's 200 answers to `/v1/generate` (its `softserve_requests_total`) per
+second in a window of `--seconds` that opens `--warm-s` into a wrk run that outlasts it, so that neither the
+first passes (64 rows arriving at once) nor the answers cut off when wrk stops count against the server;
+requests wrk leaves in flight finish before the next sample.
 
-The load generator is a separate process (multiprocessing, spawn): one asyncio loop (uvloop when
-installed) running the 64 clients, each on a keep-alive connection of its own. It shares the cores with
-the server, so its CPU time is part of the measured cost; the default `--client lean` (a minimal
-HTTP/1.1 client in this file) keeps that cost small, `--client httpx` uses an `httpx.AsyncClient` pool
-of 64 connections instead. In the raw rounds it sleeps, as the server does.
-One server sample: issue requests until `--warm + --measured` have completed, and divide
-`--measured` by the time between the warm-th and the last counted completion (responses come back a
-batch at a time, so this window spans whole batches in steady state); requests still in flight then
-finish before the next sample.
+Raw side: `FrozenT5.generate` on the same 64 rows, at batch 32 (the first 32: 32 tasks) and at batch 64
+(all of them), `--raw-rows` rows per sample, on a dedicated thread as the server's model runs (see
+common.py). The server is measured against the better of the two: the one with the higher median.
 
-Raw side: `FrozenT5.generate` on a batch of 32 rows with the same prompts and inputs, `--measured / 32`
-calls per sample, on a dedicated thread as the server's model runs (see common.py).
-
-Rounds alternate (ABBA); the ratio is the median over rounds of server ÷ raw. Target: >= 0.85.
-Where the difference goes is reported too: the server's batches from its metrics (rows, distinct
-tasks, model time per batch against the raw time per batch), and CPU time per row of each process
-(Linux /proc): the server, the load generator, and this process (the raw side's model).
+Rounds alternate (server, raw 32, raw 64, then back); the ratio is the median over rounds of server ÷ the
+better raw side. Target: >= 0.85. Where the difference goes is reported too: the server's passes from its
+metrics over the measured runs (decoder steps, rows per step, the tokens of each pass's work budget spent),
+and CPU time per row of each process (Linux /proc): the API process, the engine process, wrk, and this
+process (the raw side's model).
 """
 
 from __future__ import annotations
 
 import torch  # isort: skip  (first, before `server` sets the server's OpenMP wait policy: see above)
 
-import asyncio
-import contextlib
-import functools
-import json
-import multiprocessing
 import os
+import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -56,21 +45,29 @@ from common import (
     BATCH_SIZE,
     MAX_NEW_TOKENS,
     TORCH_LOADED_BEFORE_SERVER,
-    KeepAliveConnection,
+    Comparison,
+    Wrk,
+    WrkRun,
     checkpoint_server,
-    compare,
+    descendants,
     environment,
     generate_throughput,
     input_texts,
+    interleaved,
     markdown_table,
     on_model_thread,
     parser,
+    process_cpu_s,
     random_prompts,
     report,
+    require_wrk,
     results_file,
     rows_for,
+    settle,
     upload_prompts,
     warm_up,
+    write_bodies,
+    wrk,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -79,199 +76,139 @@ from server.settings import Settings
 
 TARGET = 0.85
 TASKS = 32
-CLIENTS = 64
-
-
-@dataclass(frozen=True)
-class LoadPlan:
-    base_url: str
-    task_ids: list[str]
-    texts: list[str]
-    clients: int
-    client: str  # "lean" | "httpx"
-
-
-@dataclass(frozen=True)
-class LoadResult:
-    throughput: float  # requests (= rows) per second in the measured window
-    completed: int
-    failures: int
-    median_latency_s: float
-    cpu_s: float  # the load generator's own CPU time
-
-
-Post = Callable[[bytes], Awaitable[int]]  # sends one JSON body to /v1/generate, returns the HTTP status
-
-
-@contextlib.asynccontextmanager
-async def posters(plan: LoadPlan) -> AsyncIterator[list[Post]]:
-    """One `Post` per client: a connection of its own (lean), or a shared httpx pool of `clients` connections."""
-    if plan.client == "httpx":
-        limits = httpx.Limits(max_connections=plan.clients, max_keepalive_connections=plan.clients)
-        async with httpx.AsyncClient(base_url=plan.base_url, limits=limits, timeout=300) as http:
-
-            async def post(body: bytes) -> int:
-                response = await http.post("/v1/generate", content=body, headers={"content-type": "application/json"})
-                return response.status_code
-
-            yield [post] * plan.clients
-        return
-    connections = [KeepAliveConnection(plan.base_url) for _ in range(plan.clients)]
-    try:
-        yield [functools.partial(connection.post, "/v1/generate") for connection in connections]
-    finally:
-        for connection in connections:
-            await connection.close()
-
-
-async def closed_loop(plan: LoadPlan, warm: int, measured: int) -> LoadResult:
-    """Each client sends a request as soon as its previous one is answered, until enough have completed."""
-    total = warm + measured
-    done: list[float] = []
-    latencies: list[float] = []
-    failures = issued = 0
-    cpu_started = time.process_time()
-
-    async def client(post: Post, index: int) -> None:
-        nonlocal failures, issued
-        task_id = plan.task_ids[index % len(plan.task_ids)]
-        while len(done) < total:
-            text = plan.texts[issued % len(plan.texts)]
-            issued += 1
-            body = {"task_id": task_id, "inputs": text, "parameters": {"max_new_tokens": MAX_NEW_TOKENS}}
-            sent = time.perf_counter()
-            if await post(json.dumps(body).encode()) != 200:
-                failures += 1
-            done.append(time.perf_counter())
-            latencies.append(done[-1] - sent)
-
-    async with posters(plan) as posts:
-        await asyncio.gather(*(client(post, i) for i, post in enumerate(posts)))
-    done.sort()
-    window = done[total - 1] - done[warm - 1]
-    latencies.sort()
-    cpu_s = time.process_time() - cpu_started
-    return LoadResult(measured / window, len(done), failures, latencies[len(latencies) // 2], cpu_s)
-
-
-def load_process(conn: Connection, plan: LoadPlan) -> None:
-    """The load generator's process: runs one closed loop per `(warm, measured)` message until `None`."""
-    try:
-        from uvloop import run  # the server's loop too (uvicorn picks it when installed)
-    except ImportError:
-        run = asyncio.run
-    while (message := conn.recv()) is not None:
-        conn.send(run(closed_loop(plan, *message)))
-
-
-class LoadGenerator:
-    """A separate process, so the client's CPU time is not spent under the server's GIL."""
-
-    def __init__(self, plan: LoadPlan) -> None:
-        context = multiprocessing.get_context("spawn")  # never fork a process that runs a server thread
-        self._conn, child = context.Pipe()
-        self._process = context.Process(target=load_process, args=(child, plan), daemon=True)
-        self._process.start()
-        self.results: list[LoadResult] = []
-
-    def run(self, warm: int, measured: int) -> LoadResult:
-        self._conn.send((warm, measured))
-        result: LoadResult = self._conn.recv()
-        if result.failures:
-            raise RuntimeError(f"{result.failures} of {result.completed} requests failed")
-        self.results.append(result)
-        return result
-
-    def close(self) -> None:
-        self._conn.send(None)
-        self._process.join(timeout=30)
-
-
-CPU_GROUPS = ["server process", "client process", "bench process (raw model)"]
-
-
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, all threads) that process `pid` has used (Linux /proc; 0 elsewhere)."""
-    with contextlib.suppress(OSError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return 0.0
+CONNECTIONS = 64
+RAW_BATCHES = (BATCH_SIZE, 2 * BATCH_SIZE)
+SERVER = "server (HTTP, wrk)"
+RAW = {batch: f"raw generate, batch {batch}" for batch in RAW_BATCHES}
+GENERATE_200 = {"route": "/v1/generate", "status": "200"}
+LATE_S = 120  # how long a window may stay open past `--seconds` on a busy machine
+CPU_GROUPS = ["API process", "engine process", "wrk", "bench process (raw model)"]
+PASS_METRICS = {  # histogram -> what its mean over the measured runs is called here
+    "decoder_step_duration_seconds": "s per decoder step",
+    "batch_size": "rows per step",
+    "batch_tasks": "tasks per step",
+    "engine_pass_budget_spent_tokens": "budget tokens spent per pass",
+}
 
 
 class CpuMeter:
     """Where one side's CPU time went, summed over its samples, per row served."""
 
     def __init__(self, server_pid: int) -> None:
-        self.server_pid = server_pid
+        self.api_pid = server_pid
+        self.engine_pids = [pid for pid in descendants(server_pid) if pid != server_pid]
         self.seconds: Counter[str] = Counter()
         self.wall_s = 0.0
         self.rows = 0
 
-    def measure(self, sample: Callable[[], tuple[float, int, float]]) -> float:
-        """Runs `sample() -> (throughput, rows, client CPU s)`, books its CPU time, returns the throughput."""
-        server, bench, started = process_cpu_s(self.server_pid), time.process_time(), time.perf_counter()
-        throughput, rows, client_s = sample()
-        self.wall_s += time.perf_counter() - started
-        self.seconds.update(
+    def reading(self) -> Counter[str]:
+        """CPU seconds used so far by the server's processes and this one, and the wall clock."""
+        return Counter(
             {
-                "server process": process_cpu_s(self.server_pid) - server,
-                "client process": client_s,
-                "bench process (raw model)": time.process_time() - bench,
+                "API process": process_cpu_s(self.api_pid),
+                "engine process": sum(process_cpu_s(pid) for pid in self.engine_pids),
+                "bench process (raw model)": time.process_time(),
+                "wall": time.perf_counter(),
             }
         )
+
+    def book(self, before: Counter[str], after: Counter[str], rows: int, wrk_s: float = 0.0) -> None:
+        """Books the CPU time between two readings, and wrk's, to `rows` rows served."""
+        spent = Counter({key: after[key] - before[key] for key in before})
+        self.wall_s += spent.pop("wall")
+        self.seconds.update(spent | {"wrk": wrk_s})
         self.rows += rows
-        return throughput
 
     def per_row_ms(self) -> dict[str, float]:
-        return {group: round(1000 * self.seconds[group] / self.rows, 3) for group in CPU_GROUPS}
+        return {group: round(1000 * self.seconds[group] / max(1, self.rows), 3) for group in CPU_GROUPS}
 
     def row(self, side: str) -> list[object]:
         per_row = list(self.per_row_ms().values())
-        wall = 1000 * self.wall_s / self.rows
+        wall = 1000 * self.wall_s / max(1, self.rows)
         return [side, *per_row, sum(per_row), wall, sum(per_row) / wall]
 
 
-def batch_means(base_url: str) -> dict[str, float]:
-    """Means over every batch the server ran, from its Prometheus metrics (warm-up batches included)."""
-    text = httpx.get(f"{base_url}/metrics", timeout=30).text
-    values = {
-        sample.name: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name.endswith(("_sum", "_count"))
-    }
-
-    def mean(metric: str) -> float:
-        count = values.get(f"softserve_{metric}_count", 0.0)
-        return values[f"softserve_{metric}_sum"] / count if count else 0.0
-
-    # With the continuous engine a "batch" is one decoder step; with the static path, one `generate` call.
-    return {
-        "rows": mean("batch_size"),
-        "tasks": mean("batch_tasks"),
-        "model_s": mean("inference_duration_seconds") or mean("decoder_step_duration_seconds"),
-        "queue_wait_s": mean("queue_wait_seconds"),
-    }
+ANSWERED = "generate answered 200"
 
 
-def server_sample(load: LoadGenerator, warm: int, measured: int) -> tuple[float, int, float]:
-    result = load.run(warm, measured)
-    return result.throughput, result.completed, result.cpu_s
+def server_totals(base_url: str) -> Counter[str]:
+    """The `_sum` and `_count` of every histogram the server exports, and its 200 answers to `/v1/generate`."""
+    totals: Counter[str] = Counter()
+    for family in text_string_to_metric_families(httpx.get(f"{base_url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name.endswith(("_sum", "_count")):
+                totals[sample.name] += sample.value
+            elif sample.name == "softserve_requests_total" and sample.labels == GENERATE_200:
+                totals[ANSWERED] += sample.value
+    return totals
 
 
-def raw_sample(model: FrozenT5, rows: list[Row], calls: int) -> tuple[float, int, float]:
-    return generate_throughput(model, rows, calls), len(rows) * calls, 0.0
+class ServerSide:
+    """wrk runs against the server, measured in their steady state; every run is kept, with what the server's
+    histograms gained in the measured windows."""
+
+    def __init__(self, url: str, bodies: Path, warm_s: int, seconds: int, meter: CpuMeter) -> None:
+        self.url, self.bodies, self.warm_s, self.seconds, self.meter = url, bodies, warm_s, seconds, meter
+        self.probe = {"task_id": "task-00", "inputs": "x", "parameters": {"max_new_tokens": 1}}
+        self.runs: list[WrkRun] = []
+        self.window: Counter[str] = Counter()
+
+    def sample(self) -> float:
+        """Answers per second in a window of `seconds` that opens `warm_s` into a wrk run (which outlasts it):
+        the rows of the first passes and those cut off when wrk stops are outside it. On a machine too busy to
+        answer each connection once in `seconds`, the window stays open until it has (at most `LATE_S` more)."""
+        settle(self.url, self.probe)
+        run = Wrk(self.url, self.bodies, CONNECTIONS, self.warm_s + self.seconds + LATE_S + 5)
+        time.sleep(self.warm_s)
+        cpu_before, before = self.meter.reading(), server_totals(self.url)
+        time.sleep(self.seconds)
+        cpu_after, gained = self.meter.reading(), server_totals(self.url) - before
+        while gained[ANSWERED] < CONNECTIONS and cpu_after["wall"] - cpu_before["wall"] < self.seconds + LATE_S:
+            time.sleep(0.5)
+            cpu_after, gained = self.meter.reading(), server_totals(self.url) - before
+        run.stop()
+        done = run.result()
+        if done.rejected or done.other or done.socket_errors or done.timeouts or not gained[ANSWERED]:
+            raise RuntimeError(f"answers other than 200, socket errors, or none in the window: {done}")
+        answered = int(gained[ANSWERED])
+        self.meter.book(cpu_before, cpu_after, answered, wrk_s=done.cpu_s * answered / done.ok)  # wrk: its mean
+        self.runs.append(done)
+        self.window.update(gained)
+        return answered / (cpu_after["wall"] - cpu_before["wall"])
+
+    def pass_means(self) -> dict[str, float]:
+        """Means over the measured windows."""
+
+        def mean(metric: str) -> float:
+            count = self.window[f"softserve_{metric}_count"]
+            return self.window[f"softserve_{metric}_sum"] / count if count else 0.0
+
+        passes = self.window["softserve_decoder_step_duration_seconds_count"]
+        return {"decoder steps": passes, **{name: mean(metric) for metric, name in PASS_METRICS.items()}}
+
+
+def raw_sample(meter: CpuMeter, model: FrozenT5, rows: list[Row], calls: int) -> float:
+    before = meter.reading()
+    throughput = generate_throughput(model, rows, calls)
+    meter.book(before, meter.reading(), len(rows) * calls)
+    return throughput
 
 
 def main(argv: list[str] | None = None) -> None:
+    require_wrk("server_vs_raw")
     args = parser(__doc__.splitlines()[0], repeats=6)
-    args.add_argument("--warm", type=int, default=2 * BATCH_SIZE, help="completions before the window opens")
-    args.add_argument("--measured", type=int, default=8 * BATCH_SIZE, help="completions in the window")
+    args.add_argument("--warm-s", type=int, default=5, help="seconds of each wrk run before its window opens")
+    args.add_argument("--seconds", type=int, default=10, help="length of the window in each wrk run")
+    args.add_argument("--raw-rows", type=int, default=8 * BATCH_SIZE, help="rows of each raw sample (a multiple of 64)")
     args.add_argument("--max-wait-ms", type=float, default=Settings().max_wait_ms, help="the batcher's wait")
     args.add_argument("--cpu-threads", type=int, default=Settings().cpu_threads, help="the server's (0: one per core)")
-    args.add_argument("--client", choices=["lean", "httpx"], default="lean", help="the load generator's HTTP client")
     opts = args.parse_args(argv)
-    repeats, warm, measured = (1, BATCH_SIZE, BATCH_SIZE) if opts.quick else (opts.repeats, opts.warm, opts.measured)
+    quick = (1, 2, 3, max(RAW_BATCHES))
+    repeats, warm_s, seconds, raw_rows = (
+        quick if opts.quick else (opts.repeats, opts.warm_s, opts.seconds, opts.raw_rows)
+    )
+    if raw_rows % max(RAW_BATCHES):
+        args.error(f"--raw-rows must be a multiple of {max(RAW_BATCHES)}")
     if not TORCH_LOADED_BEFORE_SERVER:
         raise RuntimeError("torch must load before `server` here, or the raw side runs under the server's policy")
     if opts.threads:
@@ -281,69 +218,73 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp, checkpoint_server(Path(tmp), opts, *flags) as (checkpoint, pid, url):
         model = FrozenT5.load(str(checkpoint), opts.device, opts.dtype)
         prompts = random_prompts(TASKS, model.d_model, opts.seed)
-        texts = input_texts(model, BATCH_SIZE, opts.seed)
+        texts = input_texts(model, CONNECTIONS, opts.seed)
         task_ids = [f"task-{i:02d}" for i in range(TASKS)]
-        rows = rows_for(model, prompts, texts)
-        warm_up(model, rows)
+        rows = rows_for(model, [prompts[i % TASKS] for i in range(CONNECTIONS)], texts)
+        for batch in RAW_BATCHES:
+            warm_up(model, rows[:batch])
         raw_threads = on_model_thread(torch.get_num_threads)
-        raw_calls = max(1, measured // BATCH_SIZE)
-        meters = (CpuMeter(pid), CpuMeter(pid))
         upload_prompts(url, task_ids, prompts)
-        load = LoadGenerator(LoadPlan(url, task_ids, texts, CLIENTS, opts.client))
-        try:
-            load.run(warm, BATCH_SIZE)  # warm-up: connections, prompt cache, first batches
-            comparison = compare(
-                ("server (HTTP)", lambda: meters[0].measure(lambda: server_sample(load, warm, measured))),
-                ("raw generate", lambda: meters[1].measure(lambda: raw_sample(model, rows, raw_calls))),
-                repeats,
-            )
-        finally:
-            load.close()
-        batches = batch_means(url)
+        parameters = {"max_new_tokens": MAX_NEW_TOKENS}
+        bodies = write_bodies(
+            Path(tmp) / "bodies.jsonl",
+            [
+                {"task_id": task_ids[i % TASKS], "inputs": text, "parameters": parameters}
+                for i, text in enumerate(texts)
+            ],
+        )
+        meters = {side: CpuMeter(pid) for side in (SERVER, *RAW.values())}
+        server = ServerSide(url, bodies, warm_s, seconds, meters[SERVER])
+        wrk(url, bodies, CONNECTIONS, 1 if opts.quick else 3)  # warm-up: connections, prompt cache, first passes
+        samplers = {SERVER: server.sample}
+        for batch in RAW_BATCHES:
+            samplers[RAW[batch]] = partial(raw_sample, meters[RAW[batch]], model, rows[:batch], raw_rows // batch)
+        samples = interleaved(samplers, repeats)
     server_threads = opts.cpu_threads or os.cpu_count()  # what `FrozenT5.use_cpu_threads` sets
 
-    latency = sorted(r.median_latency_s for r in load.results)[len(load.results) // 2]
-    raw_batch_s = BATCH_SIZE / comparison.median("raw generate")
+    best = max(RAW.values(), key=lambda side: statistics.median(samples[side]))
+    comparison = Comparison(SERVER, best, {SERVER: samples[SERVER], best: samples[best]})
+    against = {batch: Comparison(SERVER, RAW[batch], samples).ratio for batch in RAW_BATCHES}
+    latency = statistics.median(run.latency_p50_ms for run in server.runs) / 1000
     setup = markdown_table(
+        ["connections", "tasks", "max_batch_size", "max_wait_ms", "torch threads: raw, server", "median latency s"],
+        [[CONNECTIONS, TASKS, BATCH_SIZE, opts.max_wait_ms, f"{raw_threads}, {server_threads}", latency]],
+    )
+    raw_table = markdown_table(
+        ["raw side", "median rows/s", "s per batch", "server ÷ it (median of rounds)"],
         [
-            "clients",
-            "client",
-            "tasks",
-            "max_batch_size",
-            "max_wait_ms",
-            "torch threads: raw, server",
-            "median latency s",
+            [RAW[batch], statistics.median(samples[RAW[batch]]), batch / statistics.median(samples[RAW[batch]]), ratio]
+            for batch, ratio in against.items()
         ],
-        [[CLIENTS, opts.client, TASKS, BATCH_SIZE, opts.max_wait_ms, f"{raw_threads}, {server_threads}", latency]],
     )
-    server_batches = markdown_table(
-        ["server batches (means)", "rows", "distinct tasks", "model s/batch", "queue wait s", "raw s/batch (median)"],
-        [["", batches["rows"], batches["tasks"], batches["model_s"], batches["queue_wait_s"], raw_batch_s]],
-    )
+    passes = server.pass_means()
+    pass_table = markdown_table(["server passes (measured runs)", *passes], [["", *passes.values()]])
     cpu = markdown_table(
         ["CPU ms per row", *CPU_GROUPS, "CPU total", "wall", "cores busy"],
-        [meters[0].row("server (HTTP)"), meters[1].row("raw generate")],
+        [meter.row(side) for side, meter in meters.items()],
     )
     environment_fields = environment(model, opts.quick)
     report(
         "server_vs_raw",
-        [setup, server_batches, cpu, comparison.table("rows/s")],
+        [setup, raw_table, pass_table, cpu, comparison.table("rows/s")],
         comparison,
         TARGET,
         results_file(opts, "server_vs_raw"),
-        clients=CLIENTS,
-        client=opts.client,
+        ratios={str(batch): round(ratio, 4) for batch, ratio in against.items()},
+        raw_rows_per_s={str(batch): round(statistics.median(samples[RAW[batch]]), 2) for batch in RAW_BATCHES},
+        best_raw_batch=next(batch for batch, side in RAW.items() if side == best),
+        load_generator="wrk",
+        connections=CONNECTIONS,
         tasks=TASKS,
-        batch_size=BATCH_SIZE,
+        max_batch_size=BATCH_SIZE,
         max_wait_ms=opts.max_wait_ms,
+        warm_s_per_run=warm_s,
+        seconds_per_window=seconds,
         raw_torch_threads=raw_threads,
         server_torch_threads=server_threads,
         median_latency_s=round(latency, 3),
-        server_mean_batch_rows=round(batches["rows"], 2),
-        server_mean_model_s_per_batch=round(batches["model_s"], 4),
-        raw_s_per_batch=round(raw_batch_s, 4),
-        server_cpu_ms_per_row=meters[0].per_row_ms(),
-        raw_cpu_ms_per_row=meters[1].per_row_ms(),
+        server_passes={name: round(value, 4) for name, value in passes.items()},
+        cpu_ms_per_row={side: meter.per_row_ms() for side, meter in meters.items()},
         server_omp_wait_policy=os.environ["OMP_WAIT_POLICY"],  # the server inherits this process's environment
         raw_omp_wait_policy=environment_fields.pop("omp_wait_policy"),
         **environment_fields,

@@ -45,19 +45,19 @@ from common import (
     Comparison,
     KeepAliveConnection,
     checkpoint_server,
+    descendants,
     input_texts,
     interleaved,
     markdown_table,
     parser,
     percentile,
+    process_cpu_s,
     publish,
     random_prompts,
     results_file,
     upload_prompts,
 )
-from continuous_vs_static import descendants
 from prometheus_client.parser import text_string_to_metric_families
-from server_vs_raw import process_cpu_s
 
 from server.serving.tiny import build_tiny_t5, tiny_config
 from tests.checkpoints import t5_small_config

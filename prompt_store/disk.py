@@ -6,12 +6,13 @@ version or task record behind. This is the embedded default and the durable mirr
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import safetensors.torch
@@ -58,15 +59,34 @@ class DiskStore:
         return self.get_task(tenant, task_id), "disk"
 
     def list_tasks(self, tenant: str) -> list[TaskRecord]:
+        return self.get_tasks(tenant, self.task_ids(tenant))
+
+    def task_ids(self, tenant: str, after: str | None = None, limit: int | None = None) -> list[str]:
+        """The tenant directory's listing is the index: one `scandir`, no file is opened. A task directory whose
+        record is not written yet (its first upload is under way) is listed; reading it finds no task."""
         if not is_valid_task_id(tenant):
             return []
+        try:
+            with os.scandir(self.root / tenant) as entries:
+                names = sorted(e.name for e in entries if is_valid_task_id(e.name) and e.is_dir())
+        except FileNotFoundError:
+            return []
+        start = bisect.bisect_right(names, after) if after is not None else 0
+        return names[start : None if limit is None else start + limit]
+
+    def get_tasks(self, tenant: str, task_ids: Sequence[str]) -> list[TaskRecord]:
         records = []
-        for path in sorted((self.root / tenant).glob(f"*/{TASK_FILE}")):
+        for task_id in task_ids:
             try:
-                records.append(TaskRecord.model_validate_json(path.read_bytes()))
-            except FileNotFoundError:  # deleted while listing
+                records.append(self.get_task(tenant, task_id))
+            except TaskNotFound:  # deleted meanwhile, or its first record not written yet
                 continue
         return records
+
+    def count_tasks(self, tenant: str) -> int:
+        if not is_valid_task_id(tenant):
+            return 0
+        return sum((self.root / tenant / task_id / TASK_FILE).is_file() for task_id in self.task_ids(tenant))
 
     def list_tenants(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and is_valid_task_id(p.name))

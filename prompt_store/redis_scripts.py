@@ -2,7 +2,9 @@
 
 Every script gets the same keys, so callers build them in one place:
 KEYS[1] the task hash, KEYS[2] the task's prompt bytes (hash: version -> safetensors), KEYS[3] the tenant's
-task set, KEYS[4] the tenant set, KEYS[5] the "populated" marker (a sorted set, see below); then per script.
+task set, KEYS[4] the tenant set, KEYS[5] the "populated" marker (a sorted set, see below), KEYS[6] the tenant's
+task index (a sorted set, every score 0, so its members are in byte order: listings page through it with
+ZRANGEBYLEX); then per script.
 ARGV[1] the change channel, ARGV[2] tenant, ARGV[3] task id, ARGV[4] the deadline; then per script.
 
 The deadline (microseconds on Redis' own clock, read with TIME just before the call) makes a write's answer
@@ -82,19 +84,19 @@ local function record_change(deleted)
 end
 """
 
-# KEYS[6] the staged prompt bytes. ARGV[5] version info JSON (without the version), ARGV[6] '1' to activate,
+# KEYS[7] the staged prompt bytes. ARGV[5] version info JSON (without the version), ARGV[6] '1' to activate,
 # ARGV[7..] metadata field/value pairs to set.
 ADD_VERSION = (
     _COMMON
     + f"""
 local refused = require_populated()
 if refused then return refused end
-local data = redis.call('GET', KEYS[6])
+local data = redis.call('GET', KEYS[7])
 if not data then return redis.error_reply('{NOT_STAGED} the prompt bytes expired before the change ran') end
 record_change()
 local v = redis.call('HINCRBY', KEYS[1], 'last_version', 1)
 redis.call('HSET', KEYS[2], v, data)
-redis.call('DEL', KEYS[6])
+redis.call('DEL', KEYS[7])
 redis.call('HSET', KEYS[1], 'version:' .. v, ARGV[5], 'updated_at', stamp)
 redis.call('HSETNX', KEYS[1], 'created_at', stamp)
 if ARGV[6] == '1' or redis.call('HEXISTS', KEYS[1], 'active_version') == 0 then
@@ -104,6 +106,7 @@ for i = 7, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('ZADD', KEYS[6], 0, ARGV[3])
 redis.call('SADD', KEYS[4], ARGV[2])
 notify('version', v)
 return redis.call('HGETALL', KEYS[1])
@@ -160,6 +163,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('{NO_TASK}')
 record_change(true)
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('SREM', KEYS[3], ARGV[3])
+redis.call('ZREM', KEYS[6], ARGV[3])
 notify('delete', nil)
 return stamp
 """
@@ -167,29 +171,30 @@ return stamp
 
 # Rebuild: writes a whole task from the mirror unless Redis already has it (then returns 0). It runs before
 # the marker exists, so it records no change: the new epoch makes every mirror compare everything anyway.
-# KEYS[6..] the staged bytes of each version; ARGV[5] the number of task hash field/value pairs n;
+# KEYS[7..] the staged bytes of each version; ARGV[5] the number of task hash field/value pairs n;
 # ARGV[6 .. 5+2n] those pairs; then the version number of each staged key, in the same order.
 RESTORE_TASK = (
     _COMMON
     + f"""
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  for i = 6, #KEYS do redis.call('DEL', KEYS[i]) end
+  for i = 7, #KEYS do redis.call('DEL', KEYS[i]) end
   return 0
 end
 local n = tonumber(ARGV[5])
 local blobs = {{}}
-for i = 6, #KEYS do
+for i = 7, #KEYS do
   blobs[i] = redis.call('GET', KEYS[i])
   if not blobs[i] then return redis.error_reply('{NOT_STAGED} the prompt bytes expired before the rebuild ran') end
 end
 for i = 6, 5 + 2 * n, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
-for i = 6, #KEYS do
-  redis.call('HSET', KEYS[2], ARGV[2 * n + i], blobs[i])
+for i = 7, #KEYS do
+  redis.call('HSET', KEYS[2], ARGV[2 * n + i - 1], blobs[i])
   redis.call('DEL', KEYS[i])
 end
 redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('ZADD', KEYS[6], 0, ARGV[3])
 redis.call('SADD', KEYS[4], ARGV[2])
 notify('restore', nil)
 return 1
@@ -203,4 +208,14 @@ local epoch = redis.call('GET', KEYS[1])
 redis.call('DEL', KEYS[1])
 redis.call('ZADD', KEYS[1], 0, 'epoch:' .. epoch)
 return 1
+"""
+
+# KEYS[1] a tenant's task set, KEYS[2] its task index. Rebuilds the index from the set: for a tenant whose tasks
+# were written before the index existed (or by a replica that predates it), so the two disagree.
+INDEX_TASKS = """
+redis.call('DEL', KEYS[2])
+for _, task_id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  redis.call('ZADD', KEYS[2], 0, task_id)
+end
+return redis.call('ZCARD', KEYS[2])
 """

@@ -6,6 +6,8 @@ Layout (every name under `namespace`, default `softserve`; tenant and task ids c
                                  `ensemble` (JSON list of versions; absent: none)
 - `{ns}:prompts:{tenant}:{task}` hash: version -> the prompt as safetensors bytes (binary-safe)
 - `{ns}:tasks:{tenant}`          set of the tenant's task ids; `{ns}:tenants` set of tenants
+- `{ns}:task-index:{tenant}`     the same ids as a sorted set (score 0: byte order), which listings page through;
+                                 rebuilt from the set when their sizes differ (data written before it existed)
 - `{ns}:populated`               marker: this Redis holds the registry (set after a rebuild from the mirror);
                                  a sorted set: its epoch and the index of changes (see `redis_scripts`)
 - `{ns}:staged:{id}`             a prompt's bytes on their way into a write script (expire by themselves)
@@ -46,7 +48,7 @@ from urllib.parse import quote
 import redis
 import safetensors.torch
 
-from prompt_store import redis_scripts as scripts
+import prompt_store.redis_scripts as scripts
 from prompt_store.atomic import write_atomically
 from prompt_store.disk import DiskStore
 from prompt_store.errors import PromptStoreError, StoreUnavailable, TaskNotFound, VersionNotFound
@@ -168,6 +170,7 @@ class RedisStore:
                 "delete": scripts.DELETE_TASK,
                 "restore": scripts.RESTORE_TASK,
                 "upgrade_marker": scripts.UPGRADE_MARKER,
+                "index_tasks": scripts.INDEX_TASKS,
             }.items()
         }
         self._skip_until = 0.0  # monotonic time before which Redis is not tried (after a connection failure)
@@ -184,6 +187,7 @@ class RedisStore:
             f"{ns}:tasks:{tenant}",
             f"{ns}:tenants",
             self._marker,
+            f"{ns}:task-index:{tenant}",
         ]
 
     # Availability
@@ -252,19 +256,50 @@ class RedisStore:
             raise StoreUnavailable(REBUILDING)
 
     def list_tasks(self, tenant: str) -> list[TaskRecord]:
+        return self.get_tasks(tenant, self.task_ids(tenant))
+
+    def task_ids(self, tenant: str, after: str | None = None, limit: int | None = None) -> list[str]:
         if not is_valid_task_id(tenant):
             return []
-        return self._fallback(lambda: self._read_tasks(tenant), lambda m: m.list_tasks(tenant))[0]
+        return self._fallback(
+            lambda: self._read_task_ids(tenant, after, limit), lambda m: m.task_ids(tenant, after, limit)
+        )[0]
 
-    def _read_tasks(self, tenant: str) -> list[TaskRecord]:
-        task_ids = sorted(member.decode() for member in self.client.smembers(f"{self.namespace}:tasks:{tenant}"))
+    def _read_task_ids(self, tenant: str, after: str | None, limit: int | None) -> list[str]:
+        task_set, index = f"{self.namespace}:tasks:{tenant}", f"{self.namespace}:task-index:{tenant}"
         pipe = self.client.pipeline(transaction=False)
         pipe.exists(self._marker)
-        for task_id in task_ids:
+        pipe.scard(task_set)
+        pipe.zcard(index)
+        _range_by_id(pipe, index, after, limit)
+        populated, listed, indexed, members = pipe.execute()
+        self._check_populated(bool(populated))
+        if listed != indexed:  # tasks written before the index existed, or by a replica that predates it
+            self._scripts["index_tasks"](keys=[task_set, index])
+            members = _range_by_id(self.client, index, after, limit)
+        return [member.decode() for member in members]
+
+    def get_tasks(self, tenant: str, task_ids: Sequence[str]) -> list[TaskRecord]:
+        if not is_valid_task_id(tenant):
+            return []
+        return self._fallback(lambda: self._read_records(tenant, task_ids), lambda m: m.get_tasks(tenant, task_ids))[0]
+
+    def _read_records(self, tenant: str, task_ids: Sequence[str]) -> list[TaskRecord]:
+        valid = [task_id for task_id in task_ids if is_valid_task_id(task_id)]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.exists(self._marker)
+        for task_id in valid:
             pipe.hgetall(self._keys(tenant, task_id)[0])
         populated, *raws = pipe.execute()
         self._check_populated(bool(populated))
-        return [record_from_fields(tenant, t, raw) for t, raw in zip(task_ids, raws, strict=True) if raw]
+        return [record_from_fields(tenant, t, raw) for t, raw in zip(valid, raws, strict=True) if raw]
+
+    def count_tasks(self, tenant: str) -> int:
+        if not is_valid_task_id(tenant):
+            return 0
+        return self._fallback(
+            lambda: int(self.client.scard(f"{self.namespace}:tasks:{tenant}")), lambda m: m.count_tasks(tenant)
+        )[0]
 
     def list_tenants(self) -> list[str]:
         return self._fallback(
@@ -617,6 +652,13 @@ def _task_key(member: bytes) -> TaskKey:
     """(tenant, task) of a `task:<tenant>/<task>` or `deleted:<tenant>/<task>` index member."""
     tenant, _, task_id = member.decode().partition(":")[2].partition("/")
     return tenant, task_id
+
+
+def _range_by_id(client: Any, index: str, after: str | None, limit: int | None) -> Any:
+    """ZRANGEBYLEX of a task index: the ids after `after` (all: None), at most `limit` (all: None)."""
+    start = f"({after}" if after is not None else "-"
+    window = {"start": 0, "num": limit} if limit is not None else {}
+    return client.zrangebylex(index, start, "+", **window)
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:

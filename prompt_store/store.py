@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal, Protocol
 
 from prompt_store.prompt import SoftPrompt
@@ -32,7 +33,22 @@ class PromptStore(Protocol):
         """The record and where it came from (Redis, or a disk: the store's own, or Redis's mirror)."""
         ...
 
-    def list_tasks(self, tenant: str) -> list[TaskRecord]: ...
+    def list_tasks(self, tenant: str) -> list[TaskRecord]:
+        """Every task of the tenant, by task id: it reads every record (see `task_ids` for a page)."""
+        ...
+
+    def task_ids(self, tenant: str, after: str | None = None, limit: int | None = None) -> list[str]:
+        """The tenant's task ids in order, those after `after` only, at most `limit`: from an index, no record is
+        read, so a page of a listing costs its own records only."""
+        ...
+
+    def get_tasks(self, tenant: str, task_ids: Sequence[str]) -> list[TaskRecord]:
+        """The records of `task_ids` in their order; a task that does not exist (deleted meanwhile) is left out."""
+        ...
+
+    def count_tasks(self, tenant: str) -> int:
+        """How many tasks the tenant has, from the index (no record is read)."""
+        ...
 
     def load_prompt(self, tenant: str, task_id: str, version: int) -> SoftPrompt: ...
 

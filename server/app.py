@@ -13,12 +13,13 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from server.api import api_router
+from server.api import api_router, queueing_routes
 from server.api.connections import ConnectionLimits, GuardedH11Protocol
 from server.api.docs import install_docs
 from server.api.errors import REJECTION_REASONS, install_error_handlers
 from server.api.middleware import BodySizeLimit, RequestMetrics, StrictJSONBody
-from server.components import Lifecycle
+from server.api.shedding import ShedWhenFull
+from server.components import Lifecycle, json_body_limit, limits_of
 from server.jobs.records import JOB_STATES
 from server.metrics import KnownLabels, ServerMetrics
 from server.registry.registry import PROMPT_SOURCES
@@ -56,8 +57,9 @@ def create_app(settings: Settings | None = None, model: FrozenT5 | None = None) 
     install_error_handlers(app)
     app.include_router(api_router)
     install_docs(app)
-    app.add_middleware(StrictJSONBody)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(StrictJSONBody, max_values=settings.max_json_values)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, max_json_bytes=json_body_limit(settings))
+    app.add_middleware(ShedWhenFull, lifecycle=lifecycle, routes=queueing_routes)
     app.add_middleware(RequestMetrics, metrics=lifecycle.metrics)
     return app
 
@@ -96,7 +98,7 @@ def serve(settings: Settings) -> None:
     """Raises `KeysFileError` before anything starts when the API keys file is unusable, and `StartupFailed`
     once the server has stopped when its components could not start (it answers `/health` while they load)."""
     app = create_app(settings)
-    connection_limits = ConnectionLimits(settings.max_connections, settings.header_timeout_s, settings.body_timeout_s)
+    connection_limits = limits_of(settings, ConnectionLimits)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -17,6 +17,7 @@ from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 
 from prompt_store import DiskStore, PromptStore, RedisStore
 from prompt_store.redis_clients import connect, connect_async
+from prompt_store.residency import DiskResidency, RedisResidency, ResidencyStore
 from server.jobs.job_runner import JobRunner, Requeue
 from server.jobs.queue import JobQueue, ThreadQueue
 from server.jobs.redis_store import RedisJobStore
@@ -38,6 +39,7 @@ NEEDS_REDIS = (
 class Backend(Protocol):
     prompts: PromptStore
     jobs: JobStore
+    residency: ResidencyStore  # pins and use counts: shared by the replicas that share the prompts
 
     def training_queue(self, in_process_runner: MakeRunner) -> JobQueue:
         """Where submitted jobs go. `in_process_runner` builds the runner of a worker thread in this process,
@@ -63,6 +65,7 @@ class DiskBackend:
     def __init__(self, data_dir: Path, max_attempts: int) -> None:
         self.prompts = DiskStore(data_dir / "prompts")
         self.jobs = DiskJobStore(data_dir / "jobs")
+        self.residency = DiskResidency(data_dir / "residency")
         self.max_attempts = max_attempts
 
     def training_queue(self, in_process_runner: MakeRunner) -> JobQueue:
@@ -87,6 +90,7 @@ class RedisBackend:
     def __init__(self, url: str, namespace: str, timeout_s: float, data_dir: Path, job_timeout_s: float) -> None:
         self.url, self.namespace, self.timeout_s = url, namespace, timeout_s
         self.prompts = RedisStore(url, DiskStore(data_dir / "prompts"), namespace, timeout_s)
+        self.residency = RedisResidency(self.prompts.client, namespace)
         self.jobs = RedisJobStore(self.connect(), namespace)
         self.queue = RQJobQueue(self.connect(), namespace, job_timeout_s)
 

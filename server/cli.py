@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -42,10 +42,17 @@ class CommandError(Exception):
         self.exit_code = exit_code
 
 
-def add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    for name, field in Settings.model_fields.items():
+KEYS_SETTINGS = ("data_dir", "api_keys_file")  # all that `keys` reads: its --help lists no others
+
+
+def add_settings_flags(
+    parser: argparse.ArgumentParser, names: Iterable[str] = tuple(Settings.model_fields), default: Any = None
+) -> None:
+    """`default=argparse.SUPPRESS` on a subcommand: a flag it was not given keeps what its parent command got."""
+    for name in names:
+        field = Settings.model_fields[name]
         parser.add_argument(
-            "--" + name.replace("_", "-"), dest=name, default=None, metavar=name.upper(), help=field.description
+            "--" + name.replace("_", "-"), dest=name, default=default, metavar=name.upper(), help=field.description
         )
 
 
@@ -70,11 +77,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def serve(args: argparse.Namespace) -> None:
+    settings = settings_from(args)
+    check_can_listen(settings.host, settings.port)  # before the heavy imports and the model
+
     from server.app import StartupFailed
     from server.app import serve as run_server
     from server.tenancy.keys import KeysFileError
 
-    settings = settings_from(args)
     try:
         run_server(settings)
     except KeysFileError as error:  # fail closed, with one line an operator can act on
@@ -83,14 +92,37 @@ def serve(args: argparse.Namespace) -> None:
         raise CommandError(str(error)) from None
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """Binds the address as uvicorn will, and lets it go: a port in use or a host that is not this machine's is
+    one line now, not uvicorn's traceback once the model has loaded."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            sock.bind(address)
+    except OSError as error:  # `socket.gaierror` (an unknown host) included
+        raise CommandError(f"cannot listen on {host}:{port}: {error.strerror or error}", EXIT_USAGE) from None
+
+
 def keys(args: argparse.Namespace) -> None:
     from server.tenancy.keys import ApiKeys, KeysFileError
 
-    api_keys = ApiKeys(settings_from(args).keys_file)
+    keys_file = settings_from(args).keys_file
+    print(f"keys file: {keys_file}", file=sys.stderr)  # which one, when a --data-dir was forgotten
+    api_keys = ApiKeys(keys_file)
     try:
         _keys_command(api_keys, args)
     except (KeysFileError, ValueError) as error:  # a corrupt file, an unknown or ambiguous id, a bad name
         raise CommandError(str(error)) from None
+
+
+def readable_time(epoch_s: float) -> str:
+    """`2026-12-03T21:40:05+00:00`: UTC, to the second."""
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="seconds")
 
 
 def _keys_command(api_keys: ApiKeys, args: argparse.Namespace) -> None:
@@ -98,7 +130,7 @@ def _keys_command(api_keys: ApiKeys, args: argparse.Namespace) -> None:
         print(api_keys.add(args.tenant, admin=args.admin))
     elif args.keys_command == "list":
         listed = api_keys.list()
-        print(json.dumps(listed, indent=2))
+        print(json.dumps([entry | {"created_at": readable_time(entry["created_at"])} for entry in listed], indent=2))
         print(f"auth mode in the keys file: {api_keys.file_mode} ({len(listed)} key(s))", file=sys.stderr)
     elif args.keys_command == "revoke":
         revoked = api_keys.revoke(args.key_id)
@@ -112,26 +144,54 @@ def _keys_command(api_keys: ApiKeys, args: argparse.Namespace) -> None:
 
 def worker(args: argparse.Namespace) -> None:
     from server.serving.load_errors import ModelLoadError
-    from server.worker import run_worker
+    from server.worker import RedisUnreachable, run_worker
 
     try:
         run_worker(settings_from(args))
-    except ModelLoadError as error:
+    except (ModelLoadError, RedisUnreachable) as error:
         raise CommandError(str(error)) from None
 
 
 def engine(args: argparse.Namespace) -> None:
     import zmq
 
+    from server.engine.curve import EngineKeysError, wire_keys
+
+    settings = settings_from(args)
+    try:
+        wire_keys(args.address, settings.engine_keys_dir, settings.engine_insecure_tcp)  # before the heavy imports
+    except EngineKeysError as error:
+        raise CommandError(str(error), EXIT_USAGE) from None
+
     from server.engine.process import run_engine_process
     from server.serving.load_errors import ModelLoadError
 
     try:
-        run_engine_process(settings_from(args), args.address)
+        run_engine_process(settings, args.address)
     except ModelLoadError as error:
         raise CommandError(str(error)) from None
+    except EngineKeysError as error:
+        raise CommandError(str(error), EXIT_USAGE) from None
     except zmq.ZMQError as error:
         raise CommandError(f"cannot bind {args.address}: {error}", EXIT_USAGE) from None
+
+
+def engine_keys(args: argparse.Namespace) -> None:
+    from server.engine.curve import EngineKeysError, make_keys
+
+    try:
+        made = make_keys(args.directory)
+    except (EngineKeysError, OSError) as error:
+        raise CommandError(str(error)) from None
+    for path in made:
+        print(path)
+    directory = args.directory
+    print(
+        f"the engine: --engine-keys-dir {directory} (reads engine.key_secret and authorized_clients/); "
+        f"API processes: --engine-keys-dir {directory} (read client.key_secret and engine.key). "
+        "Keep the *.key_secret files private.",
+        file=sys.stderr,
+    )
 
 
 class ClientTarget(BaseSettings):
@@ -145,7 +205,26 @@ class ClientTarget(BaseSettings):
 
 def client_target(args: argparse.Namespace) -> ClientTarget:
     given = {name: getattr(args, name) for name in ("url", "api_key") if getattr(args, name, None) is not None}
-    return ClientTarget(_env_file=DOTENV, **given)
+    target = ClientTarget(_env_file=DOTENV, **given)
+    check_server_url(target.url)
+    return target
+
+
+def check_server_url(url: str) -> None:
+    """The two ways a URL that looks right fails: no scheme (httpx refuses it), or the API's `/v1` included (every
+    path would then start `/v1/v1/`, a 404 that names no cause)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise CommandError(
+            f"--url/SOFTSERVE_URL {url!r} is not an http(s) URL: http://{url.split('://')[-1]}?", EXIT_USAGE
+        )
+    if parts.path.rstrip("/").endswith("/v1"):
+        root = url.rstrip("/").removesuffix("/v1")
+        raise CommandError(
+            f"--url/SOFTSERVE_URL {url!r}: give the server's root, {root} (commands add /v1)", EXIT_USAGE
+        )
 
 
 def run_client_command(args: argparse.Namespace, call: Callable[[SoftserveClient, argparse.Namespace], Any]) -> Any:
@@ -187,7 +266,7 @@ def upload_metadata(args: argparse.Namespace) -> dict[str, Any] | None:
     if not isinstance(metadata, dict):
         raise CommandError("--metadata must be a JSON object", EXIT_USAGE)
     if args.labels:
-        metadata["labels"] = args.labels.split(",")
+        metadata["labels"] = [label.strip() for label in args.labels.split(",")]  # "a, b" means "a" and "b"
     if args.no_activate:
         metadata["activate"] = False
     return metadata or None
@@ -217,6 +296,10 @@ def _prompts_call(client: SoftserveClient, args: argparse.Namespace) -> Any:
         return client.nearest_tokens(args.task_id, args.version, args.k)
     if command == "similar":
         return client.similar_tasks(args.task_id, args.k)
+    if command == "pin":
+        return client.pin(args.task_id)
+    if command == "unpin":
+        return client.unpin(args.task_id)
     client.delete_prompt(args.task_id)
     return {"deleted": args.task_id}
 
@@ -309,7 +392,7 @@ def client_flags() -> argparse.ArgumentParser:
 def add_prompts_parser(commands: Any, flags: argparse.ArgumentParser) -> None:
     parser = commands.add_parser("prompts", parents=[flags], help="manage the prompt registry of a running server")
     sub = parser.add_subparsers(dest="prompts_command", required=True)
-    sub.add_parser("list", parents=[flags], help="list tasks")
+    sub.add_parser("list", parents=[flags], help="list every task (all pages)")
     show = sub.add_parser("show", parents=[flags], help="a task's metadata and versions")
     show.add_argument("task_id")
     upload = sub.add_parser("upload", parents=[flags], help="upload a prompt file as a new version")
@@ -345,6 +428,10 @@ def add_prompts_parser(commands: Any, flags: argparse.ArgumentParser) -> None:
     ensemble.add_argument("task_id")
     ensemble.add_argument("versions", type=int, nargs="*", help="the versions `ensemble` requests serve together")
     ensemble.add_argument("--clear", action="store_true", help="clear the ensemble")
+    pin = sub.add_parser("pin", parents=[flags], help="keep the task's prompt on every replica's device")
+    pin.add_argument("task_id")
+    unpin = sub.add_parser("unpin", parents=[flags], help="let the task's prompt be evicted again")
+    unpin.add_argument("task_id")
     delete = sub.add_parser("delete", parents=[flags], help="delete a task and all its versions")
     delete.add_argument("task_id")
     parser.set_defaults(func=prompts)
@@ -374,6 +461,19 @@ def add_training_parsers(commands: Any, flags: argparse.ArgumentParser) -> None:
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 
+# Runs a bench script as `python script.py` would, but a Ctrl-C ends it without a traceback (its `finally`
+# blocks, which stop the servers it started, still run as the interrupt unwinds).
+RUN_QUIETLY_ON_CTRL_C = """
+import os, runpy, sys
+sys.argv = sys.argv[1:]
+sys.path[0] = os.path.dirname(sys.argv[0])
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
 def bench(args: argparse.Namespace) -> None:
     """Runs a script of the checkout's `bench/` folder (they are not installed with the package)."""
     import subprocess
@@ -384,7 +484,12 @@ def bench(args: argparse.Namespace) -> None:
         raise CommandError(
             f"no benchmark {args.name!r} in {BENCH_DIR}; available: {', '.join(available) or 'none'}", EXIT_USAGE
         )
-    sys.exit(subprocess.call([sys.executable, str(script), *args.bench_args]))
+    script_run = subprocess.Popen([sys.executable, "-c", RUN_QUIETLY_ON_CTRL_C, str(script), *args.bench_args])
+    try:
+        sys.exit(script_run.wait())
+    except KeyboardInterrupt:  # the script got the Ctrl-C too (one process group): it stops its servers first
+        script_run.wait()
+        raise CommandError(f"bench {args.name} interrupted", EXIT_INTERRUPTED) from None
 
 
 def add_server_parsers(commands: Any) -> None:
@@ -407,18 +512,28 @@ def add_server_parsers(commands: Any) -> None:
     add_settings_flags(engine_parser)
     engine_parser.set_defaults(func=engine)
 
+    engine_keys_parser = commands.add_parser(
+        "engine-keys", help="make the CURVE keys that secure a tcp:// engine and its API processes (--engine-keys-dir)"
+    )
+    engine_keys_parser.add_argument(
+        "directory", type=Path, help="made if missing (private, 0700); keys already there are never replaced"
+    )
+    engine_keys_parser.set_defaults(func=engine_keys)
+
     keys_parser = commands.add_parser("keys", help="manage API keys (only hashes are stored)")
-    add_settings_flags(keys_parser)
+    add_settings_flags(keys_parser, KEYS_SETTINGS)
     keys_commands = keys_parser.add_subparsers(dest="keys_command", required=True)
     add = keys_commands.add_parser("add", help="make a key for TENANT and print it once")
     add.add_argument("tenant")
     add.add_argument("--admin", action="store_true")
-    keys_commands.add_parser("list", help="list keys: id, tenant, admin, created_at")
+    listing = keys_commands.add_parser("list", help="list keys: id, tenant, admin, created_at (UTC)")
     revoke = keys_commands.add_parser("revoke", help="revoke one key by its exact id (see `keys list`)")
     revoke.add_argument("key_id")
-    keys_commands.add_parser(
+    reopen = keys_commands.add_parser(
         "open", help="serve callers without a key as tenant `default` again (only once no keys are left)"
     )
+    for subcommand in (add, listing, revoke, reopen):  # `keys list --data-dir X` as well as `keys --data-dir X list`
+        add_settings_flags(subcommand, KEYS_SETTINGS, default=argparse.SUPPRESS)
     keys_parser.set_defaults(func=keys)
 
 

@@ -17,6 +17,7 @@ import httpx
 # Training examples: a list of {"input", "target"} dicts (sent as JSON), or JSONL bytes or a JSONL file path
 # (sent as a multipart upload, so the server's error messages name the file's line numbers).
 Examples = Union[list[dict[str, str]], bytes, str, Path]  # noqa: UP007 (a runtime alias on Python 3.10)
+LIST_PAGE_SIZE = 1000  # the server's largest page: a whole listing in the fewest requests
 
 
 def _file_bytes(file: bytes | str | Path) -> bytes:
@@ -82,12 +83,17 @@ class _Calls:
             body["ensemble"] = True
         return self._make("POST", "/v1/classify", json=body)
 
+    def embed(self, task_id: str, inputs: str | list[str], version: int | None, normalize: bool) -> httpx.Request:
+        model = task_id if version is None else f"{task_id}@{version}"
+        return self._make("POST", "/v1/embeddings", json={"model": model, "input": inputs, "normalize": normalize})
+
     def upload_prompt(self, task_id: str, data: bytes, metadata: dict[str, Any] | None) -> httpx.Request:
         form = {"metadata": json.dumps(metadata)} if metadata else None
         return self._make("PUT", f"/v1/prompts/{task_id}", files={"file": ("prompt", data)}, data=form)
 
-    def list_prompts(self) -> httpx.Request:
-        return self._make("GET", "/v1/prompts")
+    def list_prompts(self, limit: int | None, cursor: str | None) -> httpx.Request:
+        params = {name: value for name, value in (("limit", limit), ("cursor", cursor)) if value is not None}
+        return self._make("GET", "/v1/prompts", params=params)
 
     def get_prompt(self, task_id: str) -> httpx.Request:
         return self._make("GET", f"/v1/prompts/{task_id}")
@@ -106,6 +112,12 @@ class _Calls:
 
     def delete_prompt(self, task_id: str) -> httpx.Request:
         return self._make("DELETE", f"/v1/prompts/{task_id}")
+
+    def pin(self, task_id: str) -> httpx.Request:
+        return self._make("PUT", f"/v1/prompts/{task_id}/pin")
+
+    def unpin(self, task_id: str) -> httpx.Request:
+        return self._make("DELETE", f"/v1/prompts/{task_id}/pin")
 
     def nearest_tokens(self, task_id: str, version: int, k: int) -> httpx.Request:
         return self._make("GET", f"/v1/prompts/{task_id}/versions/{version}/nearest-tokens", params={"k": k})
@@ -255,11 +267,29 @@ class SoftserveClient:
         """`ensemble=True`: the members' probs averaged, with each member's label and their `agreement`."""
         return self._send(self._calls.classify(task_id, inputs, labels, length_normalize, ensemble))
 
+    def embed(
+        self, task_id: str, inputs: str | list[str], version: int | None = None, normalize: bool = True
+    ) -> list[list[float]]:
+        """Each input's embedding with the task's prompt (`POST /v1/embeddings`), in order."""
+        answer = self._send(self._calls.embed(task_id, inputs, version, normalize))
+        return [item["embedding"] for item in answer["data"]]
+
     def upload_prompt(self, task_id: str, file: bytes | str | Path, metadata: dict[str, Any] | None = None) -> dict:
         return self._send(self._calls.upload_prompt(task_id, _file_bytes(file), metadata))
 
     def list_prompts(self) -> list[dict]:
-        return self._send(self._calls.list_prompts())["prompts"]
+        """Every task of the tenant, by task id: follows the pages' cursors to the last one."""
+        prompts: list[dict] = []
+        cursor = None
+        while True:
+            page = self.list_prompts_page(LIST_PAGE_SIZE, cursor)
+            prompts += page["prompts"]
+            if (cursor := page["next_cursor"]) is None:
+                return prompts
+
+    def list_prompts_page(self, limit: int | None = None, cursor: str | None = None) -> dict:
+        """One page: `prompts`, `has_more` and `next_cursor` (pass it back for the next page; None: the last)."""
+        return self._send(self._calls.list_prompts(limit, cursor))
 
     def get_prompt(self, task_id: str) -> dict:
         return self._send(self._calls.get_prompt(task_id))
@@ -276,6 +306,13 @@ class SoftserveClient:
 
     def clear_ensemble(self, task_id: str) -> dict:
         return self._send(self._calls.clear_ensemble(task_id))
+
+    def pin(self, task_id: str) -> dict:
+        """Keeps the task's prompt on every replica's device, never evicted; returns its listing entry."""
+        return self._send(self._calls.pin(task_id))
+
+    def unpin(self, task_id: str) -> dict:
+        return self._send(self._calls.unpin(task_id))
 
     def delete_prompt(self, task_id: str) -> None:
         self._send(self._calls.delete_prompt(task_id))
@@ -372,13 +409,30 @@ class AsyncSoftserveClient:
     ) -> dict:
         return await self._send(self._calls.classify(task_id, inputs, labels, length_normalize, ensemble))
 
+    async def embed(
+        self, task_id: str, inputs: str | list[str], version: int | None = None, normalize: bool = True
+    ) -> list[list[float]]:
+        answer = await self._send(self._calls.embed(task_id, inputs, version, normalize))
+        return [item["embedding"] for item in answer["data"]]
+
     async def upload_prompt(
         self, task_id: str, file: bytes | str | Path, metadata: dict[str, Any] | None = None
     ) -> dict:
         return await self._send(self._calls.upload_prompt(task_id, _file_bytes(file), metadata))
 
     async def list_prompts(self) -> list[dict]:
-        return (await self._send(self._calls.list_prompts()))["prompts"]
+        """Every task of the tenant, by task id: follows the pages' cursors to the last one."""
+        prompts: list[dict] = []
+        cursor = None
+        while True:
+            page = await self.list_prompts_page(LIST_PAGE_SIZE, cursor)
+            prompts += page["prompts"]
+            if (cursor := page["next_cursor"]) is None:
+                return prompts
+
+    async def list_prompts_page(self, limit: int | None = None, cursor: str | None = None) -> dict:
+        """One page: `prompts`, `has_more` and `next_cursor` (pass it back for the next page; None: the last)."""
+        return await self._send(self._calls.list_prompts(limit, cursor))
 
     async def get_prompt(self, task_id: str) -> dict:
         return await self._send(self._calls.get_prompt(task_id))
@@ -397,6 +451,12 @@ class AsyncSoftserveClient:
 
     async def delete_prompt(self, task_id: str) -> None:
         await self._send(self._calls.delete_prompt(task_id))
+
+    async def pin(self, task_id: str) -> dict:
+        return await self._send(self._calls.pin(task_id))
+
+    async def unpin(self, task_id: str) -> dict:
+        return await self._send(self._calls.unpin(task_id))
 
     async def nearest_tokens(self, task_id: str, version: int, k: int = 5) -> dict:
         return await self._send(self._calls.nearest_tokens(task_id, version, k))

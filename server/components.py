@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, TypeVar
 from server.backend import Backend, open_backend
 from server.engine.client import EngineClient
 from server.engine.executor import EngineExecutor
+from server.engine.limits import engine_limits
 from server.engine.link import EngineLink
-from server.engine.scheduler import EngineLimits
 from server.engine.thread_link import ThreadLink
 from server.jobs.job_runner import JobRunner, Requeue
 from server.jobs.service import TrainingLimits, TrainingService, registry_ensemble_setter, registry_publisher
@@ -31,6 +31,7 @@ from server.serving.model import FrozenT5
 from server.serving.service import InferenceService
 from server.settings import Settings
 from server.tenancy.keys import DEFAULT_TENANT, ApiKeys
+from server.tenancy.management_budget import ManagementBudget
 from server.tenancy.quotas import TaskQuota
 from server.tenancy.rate_limits import TenantRateLimits
 
@@ -56,6 +57,7 @@ class Components:
     inference: InferenceService
     training: TrainingService
     prompts: PromptService
+    management: ManagementBudget  # every authenticated route but inference (`api.deps.management_budget`)
     sync: RegistrySync | None = None
 
     def degraded(self) -> str | None:
@@ -99,6 +101,14 @@ def serving_limits(settings: Settings) -> ServingLimits:
     return limits_of(settings, ServingLimits)
 
 
+def json_body_limit(settings: Settings) -> int:
+    """`max_json_body_bytes`, or room for every input of a request at its character limit, 4 bytes a character
+    (any UTF-8), and 1 MiB for the rest."""
+    if settings.max_json_body_bytes:
+        return settings.max_json_body_bytes
+    return 4 * settings.max_inputs_per_request * serving_limits(settings).max_chars + 1024 * 1024
+
+
 def training_limits(settings: Settings) -> TrainingLimits:
     return limits_of(
         settings,
@@ -109,27 +119,23 @@ def training_limits(settings: Settings) -> TrainingLimits:
     )
 
 
-def engine_limits(settings: Settings) -> EngineLimits:
-    return limits_of(settings, EngineLimits)
-
-
-def engine_link(settings: Settings, model: FrozenT5, model_given: bool) -> EngineLink:
+def engine_link(settings: Settings, model: FrozenT5, model_given: bool, metrics: ServerMetrics) -> EngineLink:
     """The engine runs in its own process unless `engine` is `thread`, or the app was built around a model
     object (only this process has it)."""
     if settings.engine == "thread" or model_given:
         return ThreadLink(model, engine_limits(settings))
     from server.engine.process_link import ProcessLink
 
-    return ProcessLink(settings)
+    return ProcessLink(settings, metrics=metrics.engine)
 
 
 async def start_executor(settings: Settings, model: FrozenT5, metrics: ServerMetrics, model_given: bool) -> Executor:
     if settings.scheduler == "static":
         return StaticExecutor(await start_batcher(settings, model, metrics))
-    link = engine_link(settings, model, model_given)
+    link = engine_link(settings, model, model_given, metrics)
     if settings.warmup and isinstance(link, ThreadLink):
         await asyncio.to_thread(model.warmup)
-    client = EngineClient(link, settings.max_queue_size, metrics)
+    client = EngineClient(link, settings.max_queue_size, metrics, engine_limits(settings))
     await client.start()
     return EngineExecutor(client, model)
 
@@ -192,12 +198,14 @@ async def build_components(settings: Settings, metrics: ServerMetrics, model: Fr
         int(settings.prompt_cache_mb * 1024 * 1024),
         metrics,
         pinned=preload_task_keys(settings),
+        residency=backend.residency,
     )
     sync = backend.registry_sync(registry, metrics, settings.registry_reconcile_s)
     try:
         if sync is not None:
             await sync.start(wait_s=REDIS_CONNECT_WAIT_S)
         await registry.preload()
+        await registry.warm_up(settings.warmup_prompts)
         executor = await start_executor(settings, model, metrics, model_given)
     except BaseException:
         if sync is not None:
@@ -212,8 +220,16 @@ async def build_components(settings: Settings, metrics: ServerMetrics, model: Fr
     quota = TaskQuota(registry, settings.max_tasks_per_tenant)
     training = training_service(settings, model, backend, registry, metrics.training, quota)
     await training.start()
-    prompts = PromptService(model, registry, limits, quota)
-    return Components(settings, model, backend, registry, executor, inference, training, prompts, sync)
+    prompts = PromptService(
+        model,
+        registry,
+        limits,
+        quota,
+        embeddings_per_tenant=settings.similar_embeddings_per_tenant,
+        max_pinned=settings.max_pinned_per_tenant,
+    )
+    management = ManagementBudget(settings.rate_limit_management_cost_per_s, backend.rate_limit_storage())
+    return Components(settings, model, backend, registry, executor, inference, training, prompts, management, sync)
 
 
 @dataclass
@@ -235,7 +251,14 @@ class Lifecycle:
             self.components = await build_components(self.settings, self.metrics, model)
             if self.phase == "starting":  # a SIGTERM during start-up keeps it draining
                 self.phase = "ready"
-            log.info("ready: model %s on %s", self.components.model.model_id, self.components.model.device)
+            model = self.components.model  # the line to wait for: uvicorn's "running on" comes before the model
+            log.info(
+                "ready at http://%s:%s: model %s on %s",
+                self.settings.host,
+                self.settings.port,
+                model.model_id,
+                model.device,
+            )
         except ModelLoadError as error:  # the operator's to fix, and the message says how: no traceback
             self.phase, self.reason = "failed", str(error)
         except Exception as error:

@@ -1,7 +1,9 @@
-"""Prometheus metrics. Never labelled by task, job or request id (unbounded cardinality)."""
+"""Prometheus metrics. Never labelled by task, job or request id (unbounded cardinality), but for the one series
+of `softserve_engine_tasks_info`, replaced at each change, that the inference gateway's protocol asks for."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -28,6 +30,10 @@ class KnownLabels:
     rejection_reasons: tuple[str, ...] = ()
     prompt_sources: tuple[str, ...] = ()
     job_states: tuple[str, ...] = ()
+
+
+# Where a prompt can be found: on the device (the prompt cache), or in a store tier (Redis, the disk).
+PROMPT_TIERS = ("device", "redis", "disk")
 
 
 def zero_series(counter: Counter, label_values: Iterable[str]) -> Counter:
@@ -88,6 +94,19 @@ class ServerMetrics:
         )
         self.cache_bytes = Gauge("softserve_prompt_cache_bytes", "Bytes of prompts on the device", registry=r)
         self.cache_prompts = Gauge("softserve_prompt_cache_prompts", "Prompts on the device", registry=r)
+        self.cache_pinned = Gauge(
+            "softserve_prompt_cache_pinned_prompts", "Pinned prompts on the device (never evicted)", registry=r
+        )
+        # Per tier, never per task: which task is where is `GET /v1/prompts` and `/v1/models` (`loaded`, `pinned`).
+        self.prompt_lookups = Counter(
+            "softserve_prompt_lookups_total",
+            "Prompt lookups by tier (device cache, then the store: redis, or disk) and result (hit, miss)",
+            ["tier", "result"],
+            registry=r,
+        )
+        for tier in PROMPT_TIERS:
+            for result in ("hit", "miss"):
+                self.prompt_lookups.labels(tier=tier, result=result)
         self.prompt_loads = zero_series(
             Counter(
                 "softserve_prompt_loads_total",
@@ -105,6 +124,7 @@ class ServerMetrics:
 
 
 LEAVE_REASONS = ("eos", "length", "non_finite", "cancelled", "deadline", "shutdown", "failed")
+TASK_INFO_LABELS = ("running_lora_adapters", "waiting_lora_adapters", "max_lora")
 
 
 class EngineMetrics:
@@ -124,6 +144,44 @@ class EngineMetrics:
         self.waiting_rows = Gauge(
             "softserve_engine_waiting_rows", "Generate rows waiting for a place in the decoder step", registry=r
         )
+        self.pending_rows = Gauge(
+            "softserve_engine_pending_rows", "Classify and beam rows the engine is working through", registry=r
+        )
+        self.cache_tokens = Gauge(
+            "softserve_engine_cache_tokens",
+            "Token positions the engine's row cache holds: rows x (encoder + decoder positions), as allocated",
+            registry=r,
+        )
+        # The inference gateway's model server protocol (queued, running, cache use, the adapters running and
+        # waiting): queued rows are `waiting_rows` above; an endpoint picker maps these names to its own.
+        self.running_rows = Gauge(
+            "softserve_engine_running_rows",
+            "Rows the engine is serving: generate rows holding a place in the decoder step, and classify and beam "
+            "rows in progress",
+            registry=r,
+        )
+        self.cache_usage = Gauge(
+            "softserve_engine_cache_usage_ratio",
+            "What the engine's row cache holds over what it may hold (`max_cached_tokens`), 0 to 1",
+            registry=r,
+        )
+        self.tasks_info = Gauge(
+            "softserve_engine_tasks_info",
+            "One series whose labels name, comma-separated, the tasks (as a request's `model` names them) with "
+            "rows running and with rows waiting in this API process's engine rows, and how many tasks can share a "
+            "step (`max_lora`: `max_active_rows`); its value is when it last changed (Unix time). The label "
+            "names are vLLM's `lora_requests_info`, which an endpoint picker reads",
+            TASK_INFO_LABELS,
+            registry=r,
+        )
+        self._task_labels: tuple[str, ...] | None = None  # the one series of `tasks_info` now
+        self.pass_budget_spent = Histogram(
+            "softserve_engine_pass_budget_spent_tokens",
+            "Model work of one engine pass besides its decoder step, in tokens (at most the pass budget, but for a "
+            "single item larger than it)",
+            buckets=(0, 16, 64, 128, 256, 512, 1024, 2048, 4096),
+            registry=r,
+        )
         self.step_duration = Histogram(
             "softserve_decoder_step_duration_seconds", "Duration of one decoder step", buckets=STEP_BUCKETS, registry=r
         )
@@ -140,6 +198,21 @@ class EngineMetrics:
             LEAVE_REASONS,
         )
         self.engine_up = Gauge("softserve_engine_up", "1 while the engine answers, 0 while it is down", registry=r)
+        self.restarts = Counter(
+            "softserve_engine_restarts_total",
+            "Times the engine came back as a new engine: this API process's child started again (it exited or "
+            "hung), or another engine answering at a shared engine's address",
+            registry=r,
+        )
+
+    def set_tasks(self, running: Iterable[str], waiting: Iterable[str], max_tasks: int) -> None:
+        """Replaces `tasks_info`'s one series, so the exposition never grows with the tasks seen. The new series
+        is made before the old one goes: a scrape in between sees both, and a picker takes the latest value."""
+        labels = (",".join(sorted(running)), ",".join(sorted(waiting)), str(max_tasks))
+        self.tasks_info.labels(*labels).set(time.time())
+        if self._task_labels not in (None, labels):
+            self.tasks_info.remove(*self._task_labels)
+        self._task_labels = labels
 
 
 class TrainingMetrics:

@@ -12,6 +12,9 @@ from pydantic import Field, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from server.engine.limits import PASS_BUDGET_TOKENS
+from server.serving.schemas import MAX_INPUTS
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SOFTSERVE_", protected_namespaces=())
@@ -22,7 +25,7 @@ class Settings(BaseSettings):
         "auto", description="`auto` is bfloat16 on CUDA, float32 on CPU"
     )
     host: str = Field("127.0.0.1", description="bind address")
-    port: int = Field(8000, description="bind port")
+    port: int = Field(8000, ge=0, le=65535, description="bind port (0: any free port)")
     store: Literal["disk", "redis"] = Field("disk", description="prompt registry backend")
     data_dir: Path = Field(Path("./data"), description="disk store and job records")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for `store=redis`")
@@ -54,12 +57,31 @@ class Settings(BaseSettings):
         description="ZeroMQ address of an engine started with `softserve engine` (several API processes may "
         "share it); empty: the API process starts its own",
     )
+    engine_keys_dir: Path | None = Field(
+        None,
+        description="CURVE keys of a tcp:// engine (`softserve engine-keys DIR`): the engine serves only the clients "
+        "whose public key is in `DIR/authorized_clients/`, API processes check the engine's key; both ends need it",
+    )
+    engine_insecure_tcp: bool = Field(
+        False,
+        description="DANGER: let a tcp:// engine and its API processes talk without keys; anyone who reaches the "
+        "port can then submit rows and read every tenant's tokens (a network you fully trust only)",
+    )
     max_active_rows: int = Field(64, ge=1, description="rows in one decoder step; more wait for a place")
     max_cached_tokens: int = Field(
         131072,
         ge=1,
-        description="encoder + decoder tokens (prompt + input + `max_new_tokens` per row) the active rows may hold; "
-        "admission waits beyond it, so memory stays bounded",
+        description="what the engine's row cache may hold, in token positions: its rows times (the longest "
+        "prompt + input + the largest `max_new_tokens` among them), as allocated; admission waits beyond it, so "
+        "what is charged is what is held",
+    )
+    pass_budget_tokens: int = Field(
+        PASS_BUDGET_TOKENS,
+        ge=1,
+        description="model work one engine pass may do besides its decoder step, in tokens: encoder passes of "
+        "joining rows, classify label scoring and beam search steps are cut into pieces of at most this and run "
+        "between decoder steps, so no request stalls other rows' tokens for longer (larger: more throughput for "
+        "joining and classify work; smaller: steadier token gaps for the rows decoding)",
     )
     max_queue_size: int = Field(
         1024,
@@ -79,6 +101,17 @@ class Settings(BaseSettings):
         default_factory=list,
         description="comma-separated `tenant/task` (or `task` of tenant `default`): loaded at start, never evicted",
     )
+    max_pinned_per_tenant: int = Field(
+        8,
+        ge=0,
+        description="tasks a tenant may pin (`PUT /v1/prompts/{task}/pin`); one more is 429 (0: no limit but "
+        "the prompt cache's budget)",
+    )
+    warmup_prompts: int = Field(
+        32,
+        ge=0,
+        description="the most used prompts (by the store's use counts) loaded before `/ready` turns 200 (0: none)",
+    )
     api_keys_file: Path | None = Field(None, description="hashed API keys (default `<data dir>/api_keys.json`)")
     auth: Literal["auto", "keys", "open"] = Field(
         "auto",
@@ -94,14 +127,42 @@ class Settings(BaseSettings):
         "tokenizing (0: 64 * `max_input_tokens`)",
     )
     max_new_tokens: int = Field(256, ge=1, description="cap on `parameters.max_new_tokens`")
+    max_top_logprobs: int = Field(
+        20,
+        ge=0,
+        le=20,
+        description="most alternatives a generated token may report with its log-probability "
+        "(`parameters.logprobs`; 422 above)",
+    )
+    max_grammar_bytes: int = Field(
+        65536,
+        ge=1024,
+        le=1 << 22,
+        description="largest structured-output grammar (`parameters.grammar`, `response_format`), in bytes of its "
+        "compiled text; 422 above. Compiling one the server has not compiled yet is charged to the tenant's "
+        "tokens/s as a token per 4 bytes",
+    )
     max_beam_tokens: int = Field(
         1024, ge=1, description="cap on `parameters.num_beams` * `parameters.max_new_tokens` (422 above)"
     )
     max_template_chars: int = Field(
         2000, ge=1, description="longest `input_template` a task may store, in characters (it must hold one `{input}`)"
     )
-    max_inputs_per_request: int = Field(64, ge=1, description="rows one request may carry")
+    max_inputs_per_request: int = Field(64, ge=1, le=MAX_INPUTS, description="rows one request may carry")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="request body limit")
+    max_json_body_bytes: int = Field(
+        0,
+        ge=0,
+        description="JSON body limit, far below `max_body_bytes` (which is for uploads), checked from "
+        "`Content-Length` before a byte is read (0: 4 * `max_inputs_per_request` * the input character limit + "
+        "1 MiB, room for every input at its limit in 4-byte UTF-8); larger training sets go as multipart JSONL",
+    )
+    max_json_values: int = Field(
+        100_000,
+        ge=1000,
+        description="values a JSON body may hold (each `[`, `{` and `,` outside strings counts one), counted at C "
+        "speed before the body is parsed, so no shape of body stalls the server while it is parsed",
+    )
     request_timeout_s: float = Field(60.0, gt=0, description="per-request deadline (504 after it)")
     max_connections: int = Field(
         1024,
@@ -118,6 +179,24 @@ class Settings(BaseSettings):
         description="a request body that stops arriving, or a response the client stops reading, for this long "
         "closes its connection",
     )
+    body_deadline_s: float = Field(
+        120.0, gt=0, description="a request body must arrive whole within this of its head, however it trickles"
+    )
+    min_body_bytes_per_s: int = Field(
+        1024,
+        ge=0,
+        description="a request body arriving slower than this on average, once `body_rate_grace_s` has passed, "
+        "closes its connection (0: no minimum)",
+    )
+    body_rate_grace_s: float = Field(
+        5.0, gt=0, description="how long a body may arrive at any rate (its first bytes need some time)"
+    )
+    max_connections_per_client: int = Field(
+        512,
+        ge=0,
+        description="open HTTP connections from one client address, loopback included; beyond it that address's "
+        "longest-idle or slowest one is closed, or the request gets 503 (0: no limit, e.g. behind a proxy)",
+    )
     metrics_require_key: bool = Field(False, description="`/metrics` answers only to admin keys")
     rate_limit_requests_per_s: int = Field(0, ge=0, description="per-tenant requests/s (0: no limit)")
     rate_limit_tokens_per_s: int = Field(
@@ -126,7 +205,22 @@ class Settings(BaseSettings):
         description="per-tenant tokens/s put into model calls, counted as `max_batch_tokens` counts them (prompt + "
         "input per row, and so on); a request above it is refused (422) (0: no limit)",
     )
-    max_tasks_per_tenant: int = Field(0, ge=0, description="tasks a tenant may store (0: no limit)")
+    rate_limit_management_cost_per_s: int = Field(
+        2000,
+        ge=0,
+        description="per-tenant budget/s of every authenticated route but inference (prompts, listings, training "
+        "jobs, `/v1/info`): a request costs 1, plus 1 per task a listing page returns or `similar` compares; once "
+        "spent, 429 answered after `shed_delay_ms` (0: no limit)",
+    )
+    max_tasks_per_tenant: int = Field(
+        10_000, ge=0, description="tasks a tenant may store; an upload or training job of one more is 429 (0: no limit)"
+    )
+    similar_embeddings_per_tenant: int = Field(
+        4096,
+        ge=0,
+        description="task embeddings (one `d_model` vector each) `/similar` keeps per tenant; a tenant with more "
+        "tasks has the rest read again at each call, and never evicts another tenant's",
+    )
     drain_delay_s: float = Field(1.0, ge=0, description="after SIGTERM, /ready answers 503 this long before closing")
     drain_timeout_s: float = Field(60.0, ge=0, description="after that, how long in-flight requests may take")
     cpu_threads: int = Field(

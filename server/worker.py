@@ -13,6 +13,7 @@ import os
 import socket
 
 from prometheus_client import start_http_server
+from redis.exceptions import RedisError
 
 from server.backend import NeedsRedis, open_redis_backend
 from server.jobs.job_runner import JobRunner
@@ -31,11 +32,19 @@ def worker_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+class RedisUnreachable(Exception):
+    """The worker's Redis does not answer: it takes nothing, so it does not start."""
+
+
 def run_worker(settings: Settings) -> None:
     try:
         backend = open_redis_backend(settings)
     except NeedsRedis as error:
         raise SystemExit(str(error)) from None
+    try:
+        backend.connect().ping()  # before the model loads, and before each component fails on its own
+    except RedisError as error:
+        raise RedisUnreachable(f"cannot reach Redis ({error}); is it running at --redis-url?") from None
     model = FrozenT5.load(settings.model, settings.device, settings.dtype)
     model.use_cpu_threads(settings.cpu_threads)
     metrics = TrainingMetrics(job_states=JOB_STATES)  # every state's series at 0 from the start

@@ -31,9 +31,13 @@ SCRIPTS = [
     "train_vs_peft",
     "continuous_vs_static",
     "decode_vs_generate",
+    "engine_vs_ctranslate2",
     "goodput",
     "ensemble",
     "train_while_serving",
+    "interference",
+    "listings",
+    "grammar_overhead",
 ]
 
 
@@ -94,6 +98,35 @@ def test_a_committed_result_is_a_full_run_of_its_script(path: Path) -> None:
     assert path.name.startswith(result["bench"])
     assert result["command"].split()[:2] == ["python", f"bench/{result['bench']}.py"]
     assert result["quick"] is False and "--quick" not in result["command"]
+
+
+def test_a_result_older_than_the_code_it_measures_is_marked_stale_in_the_readme() -> None:
+    """A figure stays in the table after the code it measured changed only marked `stale`, and a fresh one is
+    never marked: each result records the commit it ran on (`revision`, with `dirty` for uncommitted code)."""
+    for name, measured in benchmark_rows():
+        reasons = [f"{path.name}: {why}" for path in RESULTS.glob(f"{name}*.json") if (why := staleness(path))]
+        marked = any("stale" in cell for cell in measured)
+        assert marked == bool(reasons), f"{name}: marked stale {marked}, but {reasons or 'every result is fresh'}"
+
+
+def staleness(path: Path) -> str | None:
+    """Why a committed result no longer speaks for the code it measured, or None when it does."""
+    result = json.loads(path.read_text())
+    if "revision" not in result:
+        return "it records no revision (measured before results recorded theirs)"
+    if result["dirty"]:
+        return "it ran on uncommitted code"
+    measured = ["server", "prompt_store", "bench/common.py", f"bench/{result['bench']}.py"]
+    changes = subprocess.run(
+        ["git", "rev-list", "--count", f"{result['revision']}..HEAD", "--", *measured],
+        cwd=BENCH.parent,
+        capture_output=True,
+        text=True,
+    )
+    if changes.returncode != 0:
+        return f"its revision {result['revision'][:10]} is not in this history"
+    count = int(changes.stdout)
+    return f"{count} commit(s) changed the code it measures since it ran" if count else None
 
 
 def benchmark_rows() -> list[tuple[str, list[str]]]:

@@ -59,6 +59,9 @@ def test_serve_and_the_registry_cli(served: tuple[str, Path], tmp_path: Path) ->
     np.testing.assert_array_equal(np.load(out), prompt)
 
     assert json.loads(run_cli("prompts", "--url", url, "activate", "sst2", "2").stdout)["active_version"] == 2
+    pinned = json.loads(run_cli("prompts", "--url", url, "pin", "sst2").stdout)
+    assert (pinned["task_id"], pinned["pinned"], pinned["loaded"]) == ("sst2", True, True)
+    assert json.loads(run_cli("prompts", "--url", url, "unpin", "sst2").stdout)["pinned"] is False
     assert run_cli("prompts", "--url", url, "delete", "sst2").returncode == 0
     missing = run_cli("prompts", "--url", url, "show", "sst2")
     assert missing.returncode == 1 and "404 not_found" in missing.stderr

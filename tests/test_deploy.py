@@ -19,9 +19,12 @@ def compose() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
+SOFTSERVE_SERVICES = ("api", "worker", "api-cpu", "worker-cpu")
+
+
 def test_every_softserve_variable_is_a_setting() -> None:
     services = compose()["services"]
-    for name in ("api", "worker"):
+    for name in SOFTSERVE_SERVICES:
         for variable in services[name]["environment"]:
             assert variable.startswith("SOFTSERVE_")
             assert variable.removeprefix("SOFTSERVE_").lower() in Settings.model_fields, variable
@@ -30,13 +33,34 @@ def test_every_softserve_variable_is_a_setting() -> None:
 def test_commands_are_cli_commands_and_health_is_ready() -> None:
     services = compose()["services"]
     parser = build_parser()
-    for name in ("api", "worker"):
+    for name in SOFTSERVE_SERVICES:
         args = parser.parse_args(services[name]["command"])
         assert callable(args.func)
     assert "/ready" in " ".join(services["api"]["healthcheck"]["test"])
     redis_command = services["redis"]["command"]
     assert "--appendonly" in redis_command and "noeviction" in redis_command
     assert services["api"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+def test_each_profile_builds_its_own_image_and_only_gpu_reserves_a_gpu() -> None:
+    """The GPU services build with the CUDA wheels and reserve a GPU; the CPU ones build with the CPU wheels,
+    reserve nothing and answer to the same names, so Prometheus and clients find either profile's."""
+    services = compose()["services"]
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert "ARG TORCH_INDEX=" in dockerfile  # the build argument each profile sets
+    for suffix, profile in (("", "gpu"), ("-cpu", "cpu")):
+        for name in ("api", "worker"):
+            service = services[name + suffix]
+            assert service["profiles"] == [profile] and service["image"] == f"softserve:{profile}"
+            index = service["build"]["args"]["TORCH_INDEX"]
+            devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+            if profile == "gpu":
+                assert "/whl/cu" in index and devices[0]["capabilities"] == ["gpu"]
+            else:
+                assert index.endswith("/whl/cpu") and devices == []
+                assert service["environment"]["SOFTSERVE_DEVICE"] == "cpu"
+                assert service["networks"]["default"]["aliases"] == [name]
+    assert all("profiles" not in services[name] for name in ("redis", "prometheus", "grafana"))
 
 
 def test_prometheus_scrapes_the_api_and_the_worker() -> None:

@@ -8,11 +8,15 @@ joining steps are exact: B joins while A is at step 10, C while both run.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import pytest
 import torch
+from transformers import LogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from server.engine.engine import Engine
+from server.engine.limits import EngineLimits
 from server.engine.protocol import (
     BeamRow,
     ClassifyRow,
@@ -27,7 +31,6 @@ from server.engine.protocol import (
     StepStats,
     Token,
 )
-from server.engine.scheduler import Engine, EngineLimits
 from server.serving.decoder import LeanDecoder
 from server.serving.model import FrozenT5, Row
 from tests.test_mixed_batch import TOLERANCE, Alone, mixed_rows
@@ -79,9 +82,10 @@ def generate_row(
     sampling: Sampling = Sampling(),
     ignore_eos: bool = False,
     deadline: float | None = None,
+    tenant: str = "t",
 ) -> GenerateRow:
     return GenerateRow(
-        request_id, "t", RowInput(row.prompt, row.input_ids), sampling, max_new_tokens, ignore_eos, deadline
+        request_id, tenant, RowInput(row.prompt, row.input_ids), sampling, max_new_tokens, ignore_eos, deadline
     )
 
 
@@ -221,6 +225,8 @@ def test_admission_waits_for_cached_token_room(tiny: FrozenT5) -> None:
 
 
 def test_classify_and_beam_rows_equal_the_row_alone(tiny: FrozenT5) -> None:
+    """A classify row is scored in the next pass; a beam row is `transformers`' beam search on the row alone, run
+    one step per pass: the long row beside them gets a token in every pass meanwhile."""
     rows = mixed_rows(tiny)
     labels = [tiny.tokenize([text])[0] for text in ("positive", "negative")]
     driven = Driven(tiny)
@@ -228,10 +234,93 @@ def test_classify_and_beam_rows_equal_the_row_alone(tiny: FrozenT5) -> None:
     driven.passes(3)
     driven.engine.submit([ClassifyRow(1, "t", RowInput(rows[1].prompt, rows[1].input_ids), labels)])
     driven.engine.submit([BeamRow(2, "t", RowInput(rows[2].prompt, rows[2].input_ids), 3, 12)])
-    driven.passes(1)  # both are served in the next pass, between two steps of the long row
+    driven.passes(1)
     (scores,) = [e for e in driven.events[1] if isinstance(e, Scores)]
+    passes = 4
+    while not any(isinstance(e, Generated) for e in driven.events[2]):
+        driven.passes(1)
+        passes += 1
+        assert len(driven.tokens(0)) == passes  # never held up by the beam row
     (beams,) = [e for e in driven.events[2] if isinstance(e, Generated)]
     alone = Alone(tiny, rows[1])
     assert scores.scores == pytest.approx([alone.score(label) for label in labels], abs=TOLERANCE)
     assert beams.token_ids == Alone(tiny, rows[2]).generate(12, num_beams=3)
-    assert len(driven.tokens(0)) == 4
+    assert passes > 4 + 1  # it took several passes: one step each
+
+
+def test_a_parked_row_resumes_exactly(tiny: FrozenT5) -> None:
+    """Tenant a holds both places; b's row takes the place of a's newest, which is parked (its cache kept aside)
+    and resumes when b's row ends: a's greedy and seeded sampled rows make the tokens they make never parked."""
+    rows = mixed_rows(tiny)
+    limits = EngineLimits(max_active_rows=2, max_cached_tokens=1 << 20, max_batch_size=32, max_batch_tokens=16384)
+    sampled = Sampling(True, 0.9, 0.9, 7)
+
+    def a_rows() -> list[GenerateRow]:
+        return [
+            generate_row(0, rows[0], 30, tenant="a"),
+            generate_row(1, rows[1], 30, sampling=sampled, ignore_eos=True, tenant="a"),
+        ]
+
+    never_parked = Driven(tiny, limits)
+    never_parked.engine.submit(a_rows())
+    never_parked.until_done()
+    driven = Driven(tiny, limits)
+    driven.engine.submit(a_rows())
+    driven.passes(5)
+    driven.engine.submit([generate_row(2, rows[2], 6, ignore_eos=True, tenant="b")])
+    driven.passes(1)
+    assert len(driven.tokens(1)) == 5 and len(driven.tokens(2)) == 1  # row 1 parked, row 2 in its place
+    driven.until_done()
+    assert driven.tokens(0) == Alone(tiny, rows[0]).generate(30)
+    assert driven.tokens(1) == never_parked.tokens(1)
+    assert len(driven.tokens(1)) == 30 and driven.finish(1) == "length"
+
+
+@torch.inference_mode()
+def test_logprobs_equal_transformers_scores_for_the_row_alone(model: FrozenT5) -> None:
+    """Each token's log-probability and its top alternatives are `log_softmax` of the scores `transformers`
+    computes for the row alone over the same prefix, after the processors the row was chosen with: undecodable
+    ids suppressed, and for a sampled row its temperature, top-k 50 and top-p warpers."""
+    rows = mixed_rows(model)[:3]
+    sampled = Sampling(True, 0.7, 0.9, 5)
+    settings = [Sampling(), sampled, Sampling(True, 1.3, 1.0, 6)]
+    driven = Driven(model)
+    driven.engine.submit(
+        [
+            GenerateRow(i, "t", RowInput(row.prompt, row.input_ids), settings[i], 10, True, None, "", logprobs=4)
+            for i, row in enumerate(rows)
+        ]
+    )
+    driven.until_done()
+    for i, row in enumerate(rows):
+        tokens = [e for e in driven.events[i] if isinstance(e, Token)]
+        alone = Alone(model, row)
+        start = model.model.config.decoder_start_token_id
+        prefix = torch.tensor([[start] + [t.token_id for t in tokens[:-1]]], device=model.device)
+        logits = alone.hf(inputs_embeds=alone.embeds, attention_mask=alone.mask, decoder_input_ids=prefix).logits[0]
+        scores = logits.float()
+        scores[:, model.decodable_vocab :] = float("-inf")
+        warpers = _warpers(settings[i])
+        for step, token in enumerate(tokens):
+            step_scores = scores[step : step + 1].clone()
+            step_scores[0, model.eos_token_id] = float("-inf")  # the rows ignore end-of-sequence
+            for warper in warpers:
+                step_scores = warper(prefix[:, : step + 1], step_scores)
+            expected = torch.log_softmax(step_scores[0], dim=-1)
+            assert token.logprob == pytest.approx(expected[token.token_id].item(), abs=TOLERANCE), (i, step)
+            top = [v for v in torch.topk(expected, 4).values.tolist() if v > -math.inf]  # ruled-out tokens: none
+            assert token.top_logprobs == pytest.approx(top, abs=TOLERANCE)
+            assert token.top_ids is not None and len(token.top_ids) == len(top)
+            assert all(
+                expected[t].item() == pytest.approx(v, abs=TOLERANCE)
+                for t, v in zip(token.top_ids, token.top_logprobs, strict=True)
+            )
+
+
+def _warpers(sampling: Sampling) -> list[LogitsProcessor]:
+    if not sampling.do_sample:
+        return []
+    warpers: list[LogitsProcessor] = [TemperatureLogitsWarper(sampling.temperature), TopKLogitsWarper(50)]
+    if sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    return warpers

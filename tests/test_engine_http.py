@@ -13,6 +13,7 @@ import httpx
 
 from server.serving.model import FrozenT5
 from tests.conftest import random_prompt
+from tests.prometheus import metric, wait_for_metric
 from tests.serving import server_process
 from tests.test_hostile_inference import (
     JSON,
@@ -21,18 +22,21 @@ from tests.test_hostile_inference import (
     pending_request,
     read_response,
     serving,
-    wait_for_metric,
 )
 from tests.test_inference_api import upload
-from tests.training import metric
 
 LONG = {"max_new_tokens": 256, "ignore_eos": True}
+UNENDING_LIMITS = {"max_new_tokens": 8192, "max_beam_tokens": 8192}
+UNENDING = {"max_new_tokens": 8192, "ignore_eos": True}  # far longer than any test waits: rows leave when cancelled
 
 
 def test_a_full_engine_sheds_before_the_body_is_read(tmp_path: Path, tiny: FrozenT5) -> None:
-    with serving(tmp_path, tiny, max_queue_size=4, shed_delay_ms=300) as client:
+    """The 4 rows that fill the engine outlast the test by far (8192 steps, tens of seconds), so they are still
+    decoding when the bodiless request comes however busy the machine is, and they leave only when their client
+    does. (With 256 steps they finished in about 0.5 s: on a busy machine before the shed was asked for.)"""
+    with serving(tmp_path, tiny, max_queue_size=4, shed_delay_ms=300, **UNENDING_LIMITS) as client:
         upload(client, "t", random_prompt(5, tiny.d_model, seed=1))
-        with pending_request(client, "/v1/generate", generate_body("t", ["x"] * 4, **LONG)):
+        with pending_request(client, "/v1/generate", generate_body("t", ["x"] * 4, **UNENDING)):
             wait_for_metric(client, "softserve_engine_active_rows", 4)
             with pending_request(client, "/v1/classify", b"", declared_length=10**6) as bodiless:
                 sent = time.monotonic()
@@ -51,11 +55,10 @@ def test_a_full_engine_sheds_before_the_body_is_read(tmp_path: Path, tiny: Froze
 
 
 def test_a_deadline_mid_generation_is_504_and_the_row_leaves(tmp_path: Path, tiny: FrozenT5) -> None:
-    with serving(tmp_path, tiny, request_timeout_s=0.5, max_new_tokens=8192, max_beam_tokens=8192) as client:
+    with serving(tmp_path, tiny, request_timeout_s=0.5, **UNENDING_LIMITS) as client:
         upload(client, "t", random_prompt(5, tiny.d_model, seed=1))
-        parameters = {"max_new_tokens": 8192, "ignore_eos": True}  # seconds of steps, far past the deadline
         started = time.monotonic()
-        response = client.post("/v1/generate", json={"task_id": "t", "inputs": ["x"] * 8, "parameters": parameters})
+        response = client.post("/v1/generate", json={"task_id": "t", "inputs": ["x"] * 8, "parameters": UNENDING})
         assert response.status_code == 504, response.text
         assert time.monotonic() - started < 5
         wait_for_metric(client, "softserve_engine_active_rows", 0)

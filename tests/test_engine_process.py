@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from server.engine.curve import make_keys
+from server.engine.engine import Engine
+from server.engine.limits import EngineLimits
 from server.engine.process import ClientTable
 from server.engine.process_link import EngineStartFailed, ProcessLink
 from server.engine.protocol import (
@@ -37,7 +40,6 @@ from server.engine.protocol import (
     StepStats,
     Token,
 )
-from server.engine.scheduler import Engine, EngineLimits
 from server.engine.wire import EventBatch, Hello, Ping, Submit, WireError, decode, encode
 from server.serving.model import Decoding, FrozenT5, Row
 from server.settings import Settings
@@ -92,7 +94,7 @@ def test_every_event_kind_and_the_small_messages_round_trip() -> None:
         Generated(3, [5, 6, 1], "eos"),
         Failed(4, "overloaded", 'no room: "quoted", ünïcode'),
     ]
-    stats = StepStats(0.0123, 3, 2, {"eos": 1, "length": 2})
+    stats = StepStats(0.0123, 3, 2, 1, {"eos": 1, "length": 2})
     assert decode(frames_of(EventBatch(events, stats))) == EventBatch(events, stats)
     for message in (Ping(True), Ping(False), Hello("abc", True), Hello("abc", False), Cancel([1, 2, 3])):
         assert decode(frames_of(message)) == message
@@ -198,16 +200,16 @@ def test_the_client_table_keeps_each_clients_rows_apart_and_forgets_nothing(tiny
     row_a, row_b, row_c = (greedy_row(1, seed, tiny.d_model) for seed in (1, 2, 3))
     classify = ClassifyRow(2, "t", RowInput(random_prompt(2, tiny.d_model, seed=4), [1]), [[5, 1]])
 
-    assert table.receive(b"a", Submit([row_a]), 0) == [(b"a", Hello("e1", known=False))]  # not a client yet
+    assert table.receive(b"a", Submit([row_a])) == [(b"a", Hello("e1", known=False))]  # not a client yet
     for identity in (b"a", b"b", b"c"):
-        assert table.receive(identity, Ping(new=True), 0) == [(identity, Hello("e1", known=True))]
-    assert table.receive(b"a", Submit([row_a]), 0) == []
-    assert table.receive(b"b", Submit([row_b, classify]), 0) == []
-    assert table.receive(b"c", Submit([row_c]), 0) == []
-    [(to, refused)] = table.receive(b"a", Submit([row_a]), 0)
+        assert table.receive(identity, Ping(new=True)) == [(identity, Hello("e1", known=True))]
+    assert table.receive(b"a", Submit([row_a])) == []
+    assert table.receive(b"b", Submit([row_b, classify])) == []
+    assert table.receive(b"c", Submit([row_c])) == []
+    [(to, refused)] = table.receive(b"a", Submit([row_a]))
     assert to == b"a" and isinstance(refused, EventBatch) and refused.events[0].request_id == 1
     assert isinstance(refused.events[0], Failed) and refused.events[0].code == "invalid_input"
-    table.receive(b"b", Cancel([2]), 0)
+    table.receive(b"b", Cancel([2]))
     table.forget(b"c", "test")
     assert len(table.owners) == 2
 
@@ -285,10 +287,10 @@ def test_a_killed_child_is_reported_down_then_restarted_and_serves_again(tiny: F
 
 
 @contextmanager
-def shared_engine(address: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def shared_engine(address: str, log: Path, *flags: str) -> Iterator[subprocess.Popen[bytes]]:
     """`softserve engine` as an operator runs it, for API processes to share; yields once it is ready."""
     env = {**os.environ, "SOFTSERVE_MODEL": "tiny", "SOFTSERVE_WARMUP": "false"}
-    command = [sys.executable, "-m", "server.cli", "engine", "--address", address, "--device", "cpu"]
+    command = [sys.executable, "-m", "server.cli", "engine", "--address", address, "--device", "cpu", *flags]
     with log.open("wb") as sink:
         process = subprocess.Popen([*command, "--cpu-threads", "1"], env=env, stderr=sink)
     try:
@@ -339,13 +341,14 @@ def test_two_api_processes_share_one_engine_and_come_back_with_it(tiny: FrozenT5
 def test_a_client_that_goes_away_has_its_rows_cancelled(tiny: FrozenT5, tmp_path: Path) -> None:
     """A's endless row runs until A leaves; B, whose row shares those steps, sees it leave as `cancelled`. (Both rows
     fit `max_cached_tokens` together.)"""
-    address = f"tcp://127.0.0.1:{free_port()}"
-    settings = engine_settings(engine_address=address)
+    address, keys = f"tcp://127.0.0.1:{free_port()}", tmp_path / "keys"
+    make_keys(keys)
+    settings = engine_settings(engine_address=address, engine_keys_dir=keys)
     endless = GenerateRow(1, "a", RowInput(random_prompt(3, tiny.d_model, seed=8), [1]), Sampling(), 50_000, True)
     long_row = GenerateRow(1, "b", RowInput(random_prompt(3, tiny.d_model, seed=9), [1]), Sampling(), 50_000, True)
 
     async def scenario() -> None:
-        with shared_engine(address, tmp_path / "engine.log"):
+        with shared_engine(address, tmp_path / "engine.log", "--engine-keys-dir", str(keys)):
             async with linked(settings) as (b, heard_b):
                 async with linked(settings) as (a, heard_a):
                     a.submit([endless])

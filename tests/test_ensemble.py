@@ -26,13 +26,14 @@ from server.serving.model import Decoding, FrozenT5, Generation, Row
 from server.settings import Settings
 from server.training import PromptTrainer, TrainingConfig
 from tests.conftest import random_prompt
+from tests.prometheus import metric
 from tests.redis_server import RedisServer
 from tests.serving import running_server
 from tests.test_inference_api import upload
+from tests.test_mixed_batch import Alone
 from tests.training import config as training_config
 from tests.training import (
     examples,
-    metric,
     one_torch_thread,  # noqa: F401 (an autouse fixture: the tiny model on one thread)
     wait_until_ended,
     wait_until_step,
@@ -218,9 +219,11 @@ def test_a_tie_goes_to_the_highest_log_prob_summed_over_the_members(client: http
     assert gen_a.text != gen_b.text
     upload_versions(client, "t", [a, b])
     ids = tiny.tokenize([TEXTS[0]])[0]
-    rows = [Row(tiny.prompt_on_device(p), ids) for p in (a, b)]
-    candidates = [gen_a.token_ids, gen_b.token_ids]
-    expected = [sum(column) for column in zip(*tiny.score(rows, [candidates, candidates]), strict=True)]
+    # The reference is `transformers` on each member's row alone, not the server's own scoring path.
+    members = [Alone(tiny, Row(tiny.prompt_on_device(p), ids)) for p in (a, b)]
+    candidates = [member.generate(6) for member in members]
+    assert candidates == [gen_a.token_ids, gen_b.token_ids]
+    expected = [sum(member.score(candidate) for member in members) for candidate in candidates]
     winner = gen_a.text if expected[0] >= expected[1] else gen_b.text
     for order in ([1, 2], [2, 1]):  # the sums decide, not the members' order
         assert set_ensemble(client, "t", order).status_code == 200
@@ -231,6 +234,25 @@ def test_a_tie_goes_to_the_highest_log_prob_summed_over_the_members(client: http
         assert math.isclose(output["tie_scores"][gen_a.text], expected[0], abs_tol=1e-4)
         assert math.isclose(output["tie_scores"][gen_b.text], expected[1], abs_tol=1e-4)
         assert output["text"] == winner
+
+
+def test_a_tie_break_is_charged_and_its_worst_size_checked_first(settings: Settings, tiny: FrozenT5) -> None:
+    """The tie-break's scoring rows are charged to the tenant like a request of their own (the first submission
+    alone fits the budget, the two together do not); an ensemble whose tie-break could not fit one model call is
+    refused before anything runs."""
+    limited = settings.model_copy(update={"rate_limit_tokens_per_s": 100, "max_batch_tokens": 200})
+    with running_server(limited, tiny) as url, httpx.Client(base_url=url, timeout=30) as http:
+        a, b = random_prompt(5, tiny.d_model, seed=SEED_A), random_prompt(7, tiny.d_model, seed=SEED_B)
+        upload_versions(http, "t", [a, b])
+        assert set_ensemble(http, "t", [1, 2]).status_code == 200
+        body = {"task_id": "t", "inputs": TEXTS[0], "ensemble": True, "parameters": {"max_new_tokens": 6}}
+        # First submission: rows of 5 + 23 and 7 + 23 tokens, and 2 x 6 reserved: 70 of the 100 tokens a second.
+        # The tie-break: each member's row again, with the two candidates of up to 6 tokens: at least 58 more.
+        response = http.post("/v1/generate", json=body)
+        assert response.status_code == 429, response.text
+        too_long = body | {"parameters": {"max_new_tokens": 90}}  # 30 + 2 x 91 > 200 tokens in one model call
+        response = http.post("/v1/generate", json=too_long)
+        assert response.status_code == 422 and "tie-break" in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(

@@ -281,7 +281,8 @@ def test_beyond_the_cap_with_every_connection_busy_a_request_gets_503_and_its_so
 ) -> None:
     cap = 4
     flags = ("--max-connections", str(cap), "--body-timeout-s", "300", "--header-timeout-s", "300", *FAST_FLAGS)
-    with server_process(tmp_path, *flags) as (_, url):
+    no_minimum_rate = ("--min-body-bytes-per-s", "0")  # else their stalled bodies would be closed to make room
+    with server_process(tmp_path, *flags, *no_minimum_rate) as (_, url):
         busy = [connect(url) for _ in range(cap)]  # requests in flight: their bodies are still coming
         for sock in busy:
             sock.sendall(SLOW_BODY_HEAD)

@@ -7,7 +7,6 @@ import asyncio
 import http.client
 import json
 import socket
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -21,9 +20,9 @@ from prompt_store import DiskStore, SoftPrompt, TaskMetadata
 from server.serving.model import Decoding, FrozenT5, Row
 from server.settings import Settings
 from tests.conftest import random_prompt
+from tests.prometheus import metric, wait_for_metric
 from tests.serving import running_server
 from tests.test_inference_api import direct_generate, upload
-from tests.training import metric
 
 # With this prompt and input, a sampled row (seed 7) of the tiny model runs its whole 256 tokens.
 LONG_INPUT = "alpha beta"
@@ -70,14 +69,6 @@ def read_response(sock: socket.socket) -> http.client.HTTPResponse:
     response = http.client.HTTPResponse(sock)
     response.begin()
     return response
-
-
-def wait_for_metric(client: httpx.Client, name: str, value: float, timeout_s: float = 60) -> None:
-    for _ in range(int(timeout_s / 0.02)):
-        if metric(client.get("/metrics").text, name) == value:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{name} never reached {value}")
 
 
 def generate_body(task_id: str, inputs: list[str], **parameters: object) -> bytes:
@@ -251,14 +242,15 @@ def test_a_request_over_a_whole_second_of_token_budget_is_422_and_costs_are_char
 ) -> None:
     with serving(tmp_path, tiny, rate_limit_tokens_per_s=50) as client:
         upload(client, "t", random_prompt(3, tiny.d_model, seed=0))
-        message = error(client.post("/v1/generate", json={"task_id": "t", "inputs": "y" * 56}), 422)
-        assert message.startswith("this request costs 60 tokens of model calls; a tenant may use at most 50 tokens")
-        body = {"task_id": "t", "inputs": ["y" * 16] * 2, "parameters": {"max_new_tokens": 1}}  # (3 + 17) * 2 tokens
+        message = error(client.post("/v1/generate", json={"task_id": "t", "inputs": "y" * 27}), 422)
+        # 3 + 28 prompt and input tokens, and the 20 it may generate (the default `max_new_tokens`)
+        assert message.startswith("this request costs 51 tokens (its rows' prompt and input tokens, and every token")
+        body = {"task_id": "t", "inputs": ["y" * 16] * 2, "parameters": {"max_new_tokens": 1}}  # (3 + 17 + 1) * 2
         assert client.post("/v1/generate", json=body).status_code == 200  # the refused request was not charged
-        assert error(client.post("/v1/generate", json=body), 429)  # 40 + 40 > 50: charged in full
+        assert error(client.post("/v1/generate", json=body), 429)  # 42 + 42 > 50: charged in full
         labels = {"task_id": "t", "inputs": "y", "labels": ["n" * 24, "m"]}  # 3 + 2 prompt and input, 2 x 25 labels
         message = error(client.post("/v1/classify", json=labels), 422)  # labels are model work too
-        assert message.startswith("this request costs 55 tokens of model calls")
+        assert message.startswith("this request costs 55 tokens")
 
 
 # Findings 17 and 18: shedding is cheap and correct; permanent refusals come first

@@ -37,6 +37,7 @@ from server.serving.model import FrozenT5
 from server.settings import Settings
 from server.tenancy.keys import ApiKeys
 from server.training import PromptTrainer, TrainingConfig, TrainingDiverged
+from tests.prometheus import metric
 from tests.redis_server import RedisServer
 from tests.serving import running_server
 from tests.test_training_workers import record, replicas, workers
@@ -45,7 +46,6 @@ from tests.training import (
     examples,
     job,
     jsonl,
-    metric,
     one_torch_thread,  # noqa: F401 (an autouse fixture)
     submit,
     wait_until_ended,

@@ -25,8 +25,9 @@ from prompt_store import DiskStore, RedisStore, SoftPrompt, TaskMetadata, TaskRe
 from prompt_store.redis_scripts import MAX_DELETE_RECORDS as MAX_DELETES
 from server.serving.model import FrozenT5
 from tests.conftest import random_prompt
+from tests.prometheus import metric
 from tests.redis_server import RedisServer
-from tests.test_hot_loading import classify, eventually, metric, new_prompt, replica, served, serving, upload
+from tests.test_hot_loading import classify, eventually, new_prompt, replica, served, serving, upload
 
 TaskState = tuple[TaskRecord, dict[int, str | None]]
 

@@ -19,13 +19,13 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from prompt_store import DiskStore, RedisStore, SoftPrompt
 from server.components import preload_task_keys
 from server.serving.model import FrozenT5
 from server.settings import Settings
 from tests.conftest import random_prompt
+from tests.prometheus import metric
 from tests.redis_server import RedisServer
 from tests.serving import running_server
 
@@ -91,14 +91,6 @@ def eventually(check: Callable[[], bool], timeout_s: float, what: str) -> float:
     return time.monotonic() - started
 
 
-def metric(client: httpx.Client, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(client.get("/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
-
-
 def assert_same_scores(a: dict[str, float] | None, b: dict[str, float] | None) -> None:
     assert a is not None and b is not None
     assert a == pytest.approx(b, abs=1e-5)
@@ -142,10 +134,15 @@ def test_a_replica_that_missed_notices_converges_when_it_reconnects(
 ) -> None:
     with serving(tiny, replica(tmp_path, redis_server)) as (b,):
         writer = silent_writer(redis_server, tmp_path)
+        heard = RedisStore(redis_server.url, DiskStore(tmp_path / "data" / "prompts"))  # its notices reach B
         writer.add_version("default", "sst2", SoftPrompt(new_prompt(tiny, 1)))
-        assert served(b, "sst2")[0] == 1
+        heard.add_version("default", "other", SoftPrompt(new_prompt(tiny, 3)))
+        assert served(b, "sst2")[0] == 1 and served(b, "other")[0] == 1
         writer.add_version("default", "sst2", SoftPrompt(new_prompt(tiny, 2)))
-        time.sleep(0.3)
+        # A notice sent after, which B acts on: a notice of sst2's new version would have been acted on first.
+        heard.add_version("default", "other", SoftPrompt(new_prompt(tiny, 4)))
+        eventually(lambda: served(b, "other")[0] == 2, 3.0, "B acts on the later notice")
+        heard.close()
         assert served(b, "sst2")[0] == 1  # no notice reached B; its periodic check is a minute away
         before = metric(b, "softserve_registry_reconciles_total", trigger="connect")
         killed = redis_server.client().client_kill_filter(_type="pubsub")
@@ -197,7 +194,7 @@ def test_redis_down_mid_traffic_serves_reads_refuses_writes_and_recovers(
         worker = threading.Thread(target=traffic)
         worker.start()
         try:
-            time.sleep(0.2)
+            eventually(lambda: answered[0] > 0, 10.0, "traffic to flow")
             redis_server.stop()
             answered_before_outage = answered[0]
             for client in (a, b):
@@ -214,8 +211,7 @@ def test_redis_down_mid_traffic_serves_reads_refuses_writes_and_recovers(
             assert a.post("/v1/prompts/cached/activate", json={"version": 1}).status_code == 503
             assert a.delete("/v1/prompts/mirrored").status_code == 503
             assert_same_scores(served(a, "cached")[1], expected["cached"])
-            time.sleep(0.3)
-            assert answered[0] > answered_before_outage  # traffic kept flowing while Redis was down
+            eventually(lambda: answered[0] > answered_before_outage, 10.0, "traffic to flow while Redis is down")
             redis_server.start()
             for client in (a, b):
                 eventually(lambda c=client: c.get("/ready").json()["status"] == "ready", 5.0, "ready again")

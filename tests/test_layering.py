@@ -103,3 +103,45 @@ def test_only_the_composition_roots_read_the_settings() -> None:
 def test_training_knows_neither_jobs_nor_redis() -> None:
     """The recipe and the trainer run anywhere: no queue, no store, no HTTP."""
     assert arrows(("server.training",), ("server.jobs", "server.registry", "redis", "rq", *HTTP)) == []
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The circles among the project's own modules (strongly connected parts of more than one module), each
+    sorted; imports under `TYPE_CHECKING` and inside functions count: a circle is a design knot even when Python
+    lets it run."""
+    edges = {module: sorted(t for t in targets if t in graph and t != module) for module, targets in graph.items()}
+    order: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(module: str) -> None:  # Tarjan's algorithm
+        order[module] = low[module] = len(order)
+        stack.append(module)
+        for target in edges[module]:
+            if target not in order:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], order[target])
+        if low[module] == order[module]:
+            part = [stack.pop()]
+            while part[-1] != module:
+                part.append(stack.pop())
+            if len(part) > 1:
+                circles.append(sorted(part))
+
+    for module in sorted(edges):
+        if module not in order:
+            visit(module)
+    return circles
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    assert import_circles(import_graph()) == []
+
+
+def test_a_planted_circle_is_found() -> None:
+    graph = import_graph()
+    graph["server.errors"] = {*graph["server.errors"], "server.serving.service"}  # service imports errors
+    assert any({"server.errors", "server.serving.service"} <= set(circle) for circle in import_circles(graph))

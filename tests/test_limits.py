@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
 from server.backend import RedisBackend
 from server.errors import RateLimited
@@ -51,12 +52,30 @@ def test_request_rate_limit_is_per_tenant(tmp_path: Path, tiny: FrozenT5) -> Non
         assert counted in httpx.get(f"{url}/metrics").text  # the series exists from the start: its value counts
 
 
-def test_token_rate_limit_counts_input_tokens(tmp_path: Path, tiny: FrozenT5) -> None:
-    with running_server(Settings(data_dir=tmp_path, rate_limit_tokens_per_s=50), tiny) as url:
+def test_token_rate_limit_counts_input_and_generated_tokens(tmp_path: Path, tiny: FrozenT5) -> None:
+    with running_server(Settings(data_dir=tmp_path, rate_limit_tokens_per_s=60), tiny) as url:
         httpx.put(f"{url}/v1/prompts/t", files={"file": ("p", prompt_bytes(0))})
-        body = {"task_id": "t", "inputs": ["y" * 20] * 2, "parameters": {"max_new_tokens": 1}}  # 42 tokens
+        # 2 rows of a 4-row prompt and 21 input tokens, and 1 new token each: 52 tokens
+        body = {"task_id": "t", "inputs": ["y" * 20] * 2, "parameters": {"max_new_tokens": 1}}
         assert httpx.post(f"{url}/v1/generate", json=body, timeout=30).status_code == 200
         assert httpx.post(f"{url}/v1/generate", json=body, timeout=30).status_code == 429
+        longer = {**body, "parameters": {"max_new_tokens": 6}}  # 62 tokens: more than a whole second's
+        refused = httpx.post(f"{url}/v1/generate", json=longer, timeout=30)
+        assert refused.status_code == 422 and "generate" in refused.json()["error"]["message"]
+
+
+def test_tokens_a_row_did_not_generate_are_refunded() -> None:
+    async def scenario() -> None:
+        limits = TenantRateLimits(0, 100)
+        await limits.admit("a", 90)  # say 10 input tokens and 80 reserved for generation
+        with pytest.raises(RateLimited):
+            await limits.admit("a", 30)
+        await limits.refund("a", 70)  # the row ended after 10 of its 80
+        await limits.admit("a", 30)
+        with pytest.raises(RateLimited):
+            await limits.admit("a", 60)
+
+    asyncio.run(scenario())
 
 
 def test_task_quota(tmp_path: Path, tiny: FrozenT5) -> None:

@@ -15,7 +15,9 @@ import httpx
 import numpy as np
 
 from server.tenancy.keys import ApiKeys
+from tests.prometheus import metric
 from tests.serving import server_process
+from tests.test_hot_loading import eventually
 
 INPUTS = ["alpha beta", "gamma", "delta epsilon zeta", "eta"]
 
@@ -110,7 +112,9 @@ def test_a_flooding_tenant_does_not_starve_a_quiet_one(tmp_path: Path) -> None:
 
         with ThreadPoolExecutor(4) as pool:
             floods = [pool.submit(flood) for _ in range(4)]  # ~64 of A's rows queued: 4 batches deep
-            time.sleep(1.0)
+            with httpx.Client(base_url=url, timeout=30, headers=admin) as watcher:
+                waiting = "softserve_engine_waiting_rows"
+                eventually(lambda: metric(watcher, waiting) >= 3 * 16, 60, "the flood to be 3 batches deep")
             loaded = quiet_latencies(40)
             flooding = False
             assert sum(f.result() for f in floods) > 4

@@ -9,13 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.api.errors import REJECTION_REASONS
 from server.jobs.records import JOB_STATES
+from server.metrics import ServerMetrics
 from server.registry.registry import PROMPT_SOURCES
 from server.serving.model import FrozenT5
 from server.settings import Settings
+from tests.prometheus import metric
 from tests.redis_server import RedisServer
 from tests.serving import running_server
 from tests.test_training_workers import workers
@@ -76,3 +80,17 @@ def test_a_worker_exports_every_job_state_at_zero(redis_server: RedisServer, tmp
     """`softserve worker` (a real process) counts its own training metrics and serves them on its port."""
     with workers(redis_server, tmp_path, 1) as (worker,):
         assert_at_zero(worker.metrics(), "softserve_training_jobs_total", "state", JOB_STATES)
+
+
+def test_the_tests_metric_reader_refuses_unknown_names_and_unseen_series() -> None:
+    """A renamed metric, or a series read without a default before it exists, fails a test instead of reading 0."""
+    metrics = ServerMetrics()
+    metrics.requests.labels(route="/v1/generate", status="200").inc()
+    text = generate_latest(metrics.registry).decode()
+    assert metric(text, "softserve_requests_total", route="/v1/generate", status="200") == 1
+    assert metric(text, "softserve_batch_size_count") == 0
+    with pytest.raises(LookupError, match="no metric"):
+        metric(text, "softserve_request_total", default=0, route="/v1/generate", status="200")
+    with pytest.raises(LookupError, match="no series"):
+        metric(text, "softserve_requests_total", route="/v1/generate", status="503")
+    assert metric(text, "softserve_requests_total", default=0, route="/v1/generate", status="503") == 0

@@ -10,8 +10,14 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -20,6 +26,7 @@ import pytest
 import torch
 
 from server.cli import build_parser, settings_from
+from server.errors import Unauthorized
 from server.settings import Settings
 from server.tenancy.keys import ApiKeys
 from tests.serving import free_port, wait_ready
@@ -217,10 +224,13 @@ def test_serve_reads_dotenv(tmp_path: Path) -> None:
     port = free_port()
     (tmp_path / ".env").write_text(f"SOFTSERVE_PORT={port}\nSOFTSERVE_WARMUP=false\nCOMPOSE_PROJECT_NAME=x\n")
     env = {key: value for key, value in os.environ.items() if key != "SOFTSERVE_PORT"}
-    server = subprocess.Popen([*SOFTSERVE, "serve"], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+    log = tmp_path / "serve.log"
+    with log.open("w") as stderr:
+        server = subprocess.Popen([*SOFTSERVE, "serve"], cwd=tmp_path, env=env, stderr=stderr)
     try:
         wait_ready(f"http://127.0.0.1:{port}", 120)  # the port is only in `.env`
         assert (tmp_path / "data").is_dir()  # the default data dir, relative to the working directory
+        assert f"ready at http://127.0.0.1:{port}: model tiny" in log.read_text()  # said once /ready is 200
     finally:
         server.kill()
         server.wait(timeout=30)
@@ -237,3 +247,141 @@ def test_make_install_takes_torch_from_torch_index_url() -> None:
     cpu_index = "https://download.pytorch.org/whl/cpu"
     assert make_dry_run(f"TORCH_INDEX_URL={cpu_index}").endswith(f"--index-url {cpu_index}")
     assert "--index-url" not in make_dry_run()  # empty: pip's own configuration decides
+
+
+# --- serving where it cannot listen: one line before the model loads --------------------------------------------
+
+
+@contextmanager
+def port_in_use() -> Iterator[int]:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+def test_serve_where_it_cannot_listen_is_one_line_before_the_model_loads(tmp_path: Path) -> None:
+    with port_in_use() as port:
+        in_use = softserve("serve", "--port", str(port), cwd=tmp_path)
+    runs = {
+        "Address already in use": in_use,
+        "--port (SOFTSERVE_PORT) '99999'": softserve("serve", "--port", "99999", cwd=tmp_path),
+        "cannot listen on 10.255.255.1": softserve("serve", "--host", "10.255.255.1", cwd=tmp_path),
+        "cannot listen on nosuchhost.invalid": softserve("serve", "--host", "nosuchhost.invalid", cwd=tmp_path),
+    }
+    for says, run in runs.items():
+        assert_one_error_line(run, says, exit_code=2)
+        assert len(run.stderr.strip().splitlines()) == 1  # no server started, no model loaded: nothing logged
+
+
+# --- `softserve keys` ---------------------------------------------------------------------------------------------
+
+
+def test_keys_take_the_data_dir_after_the_subcommand_and_say_which_file_they_read(tmp_path: Path) -> None:
+    data_dir = tmp_path / "elsewhere"
+    made = softserve("keys", "add", "acme", "--data-dir", str(data_dir), cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert f"keys file: {data_dir / 'api_keys.json'}" in made.stderr
+    for args in (("list", "--data-dir", str(data_dir)), ("--data-dir", str(data_dir), "list")):
+        listed = softserve("keys", *args, cwd=tmp_path)
+        assert listed.returncode == 0, listed.stderr
+        (entry,) = json.loads(listed.stdout)
+        assert entry["tenant"] == "acme"
+        created = datetime.fromisoformat(entry["created_at"])  # a date a person reads, not an epoch
+        assert created.tzinfo is not None and abs(datetime.now(UTC) - created) < timedelta(minutes=10)
+    assert json.loads(softserve("keys", "list", cwd=tmp_path).stdout) == []  # ./data: another file, no keys
+
+
+def test_keys_help_lists_only_the_keys_settings() -> None:
+    shown = softserve("keys", "--help")
+    flags = set(re.findall(r"^  (--[a-z-]+)", shown.stdout, re.MULTILINE))
+    assert flags == {"--data-dir", "--api-keys-file"}, shown.stdout  # and `-h, --help`
+
+
+def test_a_key_sent_without_bearer_is_told_what_is_missing(tmp_path: Path) -> None:
+    keys = ApiKeys(tmp_path / "api_keys.json")
+    key = keys.add("acme")
+    with pytest.raises(Unauthorized, match="lacks its `Bearer ` prefix"):
+        keys.authenticate(key)
+    with pytest.raises(Unauthorized, match="missing API key"):
+        keys.authenticate(None)
+    assert keys.authenticate(f"Bearer {key}").tenant == "acme"
+
+
+def test_labels_given_with_spaces_after_the_commas_are_the_labels(base_url: str, tmp_path: Path) -> None:
+    prompt = tmp_path / "p.npy"
+    np.save(prompt, np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32))
+    uploaded = softserve("prompts", "upload", "t", str(prompt), "--labels", "good, bad", "--url", base_url)
+    assert uploaded.returncode == 0, uploaded.stderr
+    shown = json.loads(softserve("prompts", "show", "t", "--url", base_url).stdout)
+    assert shown["labels"] == ["good", "bad"], shown
+
+
+def test_a_worker_whose_redis_is_down_says_so_in_one_line(tmp_path: Path) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    run = softserve(
+        "worker", "--store", "redis", "--redis-url", url, "--data-dir", str(tmp_path / "data"), cwd=tmp_path
+    )
+    assert_one_error_line(run, "cannot reach Redis", "Connection refused", "--redis-url")
+    assert len(run.stderr.strip().splitlines()) == 1  # before the model loads: nothing else was logged
+
+
+@pytest.mark.parametrize(
+    ("url", "hint"),
+    [
+        ("127.0.0.1:8000", "not an http(s) URL: http://127.0.0.1:8000?"),
+        ("http://127.0.0.1:8000/v1", "give the server's root, http://127.0.0.1:8000 (commands add /v1)"),
+    ],
+    ids=["no-scheme", "with-v1"],
+)
+def test_a_server_url_that_looks_right_gets_a_hint(tmp_path: Path, url: str, hint: str) -> None:
+    assert_one_error_line(softserve("prompts", "list", "--url", url, cwd=tmp_path), hint, exit_code=2)
+    assert_one_error_line(softserve("jobs", "list", cwd=tmp_path, SOFTSERVE_URL=url), hint, exit_code=2)
+
+
+def child_pids(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_ctrl_c_in_bench_ends_it_with_one_line(tmp_path: Path) -> None:
+    """Ctrl-C reaches the terminal's whole process group: the CLI and the bench script it runs."""
+    cli = subprocess.Popen(
+        [*SOFTSERVE, "bench", "hot_load", "--quick"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a group of its own, as a terminal's foreground job
+    )
+    deadline = time.monotonic() + 60
+    while not child_pids(cli.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert child_pids(cli.pid), "the bench script never started"
+    os.killpg(cli.pid, signal.SIGINT)
+    _, stderr = cli.communicate(timeout=120)
+    assert cli.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "error: bench hot_load interrupted", stderr
+
+
+def test_serve_says_which_engine_it_waits_for(tmp_path: Path) -> None:
+    """`--engine-address` with no engine there: the log says where it waits (not `starting` with no word)."""
+    address = f"ipc://{tmp_path}/nobody-here.sock"
+    command = [sys.executable, "-m", "server.cli", "serve", "--port", str(free_port()), "--engine-address", address]
+    env = {**os.environ, "SOFTSERVE_DATA_DIR": str(tmp_path / "data")}
+    server = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        seen = []
+        assert server.stderr is not None
+        while time.monotonic() < deadline:
+            line = server.stderr.readline()
+            seen.append(line)
+            if f"waiting for an engine at {address}" in line:
+                break
+            assert line, "".join(seen)  # the server exited without saying it
+        else:
+            raise AssertionError("".join(seen))
+    finally:
+        server.kill()
+        server.wait(timeout=30)

@@ -88,8 +88,11 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None,
 def registry_state(http: httpx.Client) -> tuple[dict, dict[str, dict]]:
     listing = http.get("/v1/prompts")
     assert listing.status_code == 200, listing.text
-    tasks = {p["task_id"]: http.get(f"/v1/prompts/{p['task_id']}").json() for p in listing.json()["prompts"]}
-    return listing.json(), tasks
+    body = listing.json()
+    tasks = {p["task_id"]: http.get(f"/v1/prompts/{p['task_id']}").json() for p in body["prompts"]}
+    for entry in body["prompts"]:
+        del entry["loaded"]  # this replica's cache, not the registry: serving a request loads the prompt
+    return body, tasks
 
 
 def assert_refused_harmlessly(

@@ -131,6 +131,7 @@ def test_tenants_are_separate_namespaces(store: RedisStore, redis_server: RedisS
         "softserve:populated",
         "softserve:tenants",
         "softserve:tasks:globex",
+        "softserve:task-index:globex",
         "softserve:task:globex:sst2",
         "softserve:prompts:globex:sst2",
     }

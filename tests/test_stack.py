@@ -13,10 +13,11 @@ from pathlib import Path
 
 import httpx
 
+from tests.prometheus import metric
 from tests.redis_server import RedisServer
 from tests.serving import free_port, wait_ready
 from tests.test_training_workers import Worker
-from tests.training import LABELS, metric, submit, upload, wait_for, wait_until_ended
+from tests.training import LABELS, submit, upload, wait_for, wait_until_ended
 
 
 @contextmanager

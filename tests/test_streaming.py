@@ -22,8 +22,9 @@ from server.client import AsyncSoftserveClient, SoftserveClient, SoftserveError
 from server.serving.model import Decoding, FrozenT5, Row
 from server.settings import Settings
 from tests.conftest import random_prompt
+from tests.prometheus import metric
 from tests.serving import running_server
-from tests.test_hot_loading import eventually, metric
+from tests.test_hot_loading import eventually
 from tests.test_inference_api import upload
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -145,7 +146,9 @@ def test_a_client_leaving_mid_stream_cancels_its_row(tmp_path: Path, tiny: Froze
         wait_until_no_row_is_active(client)
         assert rows_left(client, "length") == 0  # it never ran to its end
         ok = {"route": "/v1/generate", "status": "200"}
-        eventually(lambda: metric(client, REQUESTS, **ok) == 1, 10, "the request to be counted, its client gone")
+        eventually(
+            lambda: metric(client, REQUESTS, default=0, **ok) == 1, 10, "the request to be counted, its client gone"
+        )
 
         with SoftserveClient(url) as softserve:  # the client's iterator, left early, closes the connection too
             for event in softserve.generate_stream("t", "x", max_new_tokens=LONG, ignore_eos=True):

@@ -26,11 +26,11 @@ from server.jobs.rq_queue import queue_name
 from server.serving.model import FrozenT5
 from server.settings import Settings
 from server.training import TrainingCheckpoint
+from tests.prometheus import metric
 from tests.redis_server import RedisServer
 from tests.serving import free_port, running_server
 from tests.training import (
     LABELS,
-    metric,
     one_torch_thread,  # noqa: F401 (an autouse fixture)
     submit,
     upload,

@@ -12,7 +12,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import random_prompt
 
@@ -78,15 +77,6 @@ def wait_until_step(client: httpx.Client, job_id: str, step: int, timeout_s: flo
         return current if current["progress"]["step"] >= step else None
 
     return wait_for(reached, timeout_s, f"job {job_id} to reach step {step}")
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """A sample's value from Prometheus text (0 when absent)."""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 def upload(client: httpx.Client, task_id: str, seed: int) -> None:

@@ -6,11 +6,15 @@ descriptor for ever, and enough of them take the server down. `GuardedH11Protoco
 
 - head deadline: a request head must arrive whole within `header_timeout_s` of the server starting to
   wait for it (on connect, and after each response), however the bytes trickle in;
-- body deadline: a request body that stops arriving for `body_timeout_s` closes the connection (its
-  handler sees a disconnect), and so does a response the client stops reading for as long (slow reads);
-- a cap on open connections: beyond `max_connections` the connection that has waited longest for a request
-  head is closed to make room, so idle sockets never keep real work out; when none is waiting, a request
-  on a connection beyond the cap gets 503 and its connection is closed.
+- body deadlines: a request body that stops arriving for `body_timeout_s`, that is not whole within
+  `body_deadline_s` of its head, or that arrives slower than `min_body_bytes_per_s` on average once
+  `body_rate_grace_s` has passed, closes the connection (its handler sees a disconnect); so does a response
+  the client stops reading for `body_timeout_s` (slow reads);
+- a cap on open connections, and one per client address: beyond `max_connections` (or
+  `max_connections_per_client` from one address) the connections that have been stuck longest, waiting for
+  a request head or in a body behind the minimum rate, are closed to make room, so stalled sockets never
+  keep real work out; when none is stuck, a request on a connection beyond the cap gets 503 and its
+  connection is closed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncio
 import heapq
 import logging
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import h11
@@ -29,12 +34,19 @@ from server.api.errors import error_response
 
 log = logging.getLogger(__name__)
 
+# How far behind the minimum rate a body is stuck, rather than just begun (its first bytes on their way).
+STUCK_BEHIND_S = 0.1
+
 
 @dataclass(frozen=True)
 class ConnectionLimits:
     max_connections: int
+    max_connections_per_client: int  # 0: no limit
     header_timeout_s: float
     body_timeout_s: float
+    body_deadline_s: float
+    min_body_bytes_per_s: int  # 0: no minimum
+    body_rate_grace_s: float
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -45,6 +57,9 @@ class GuardedH11Protocol(H11Protocol):
         self.limits = limits
         self.waiting_since = self.loop.time()  # when the server began waiting for the current request head
         self._last_data_at = self.waiting_since
+        self._body_started_at: float | None = None  # when the current request's head was whole
+        self._body_bytes = 0  # of the current request's body, counted as they come
+        self._over_client_cap = False  # more connections from this address than its cap, when it connected
         self._client_stopped_reading_at: float | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._application, self.app = self.app, self._app_within_capacity
@@ -55,12 +70,22 @@ class GuardedH11Protocol(H11Protocol):
         self._rearm()
         self._make_room()
 
+    @property
+    def client_host(self) -> str | None:
+        return self.client[0] if self.client else None
+
     def data_received(self, data: bytes) -> None:
         self._last_data_at = self.loop.time()
+        if self._body_started_at is not None:
+            self._body_bytes += len(data)
         super().data_received(data)
+        if self._body_started_at is None and self.conn.their_state is h11.SEND_BODY:
+            self._body_started_at, self._body_bytes = self._last_data_at, 0
+            self._rearm()  # the body's deadlines may come before the head's
 
     def on_response_complete(self) -> None:
         self.waiting_since = self.loop.time()  # for the next request head (super() starts its cycle)
+        self._body_started_at = None
         super().on_response_complete()
         if not self.transport.is_closing():
             self._rearm()
@@ -94,8 +119,30 @@ class GuardedH11Protocol(H11Protocol):
         if self.conn.their_state is h11.SEND_BODY:
             if self.flow.read_paused:  # the handler is behind, not the client
                 return self.loop.time() + self.limits.body_timeout_s
-            return self._last_data_at + self.limits.body_timeout_s
+            return min(self._last_data_at + self.limits.body_timeout_s, self._body_deadline())
         return None
+
+    def _body_deadline(self) -> float:
+        """When the body must be whole, and when its average rate falls below the minimum unless more arrives:
+        each byte moves the second one on by at most 1 / `min_body_bytes_per_s` seconds."""
+        started = self._body_started_at if self._body_started_at is not None else self.loop.time()
+        deadline = started + self.limits.body_deadline_s
+        if self.limits.min_body_bytes_per_s:
+            rate_allows = max(self.limits.body_rate_grace_s, self._body_bytes / self.limits.min_body_bytes_per_s)
+            deadline = min(deadline, started + rate_allows)
+        return deadline
+
+    def stuck_since(self) -> float | None:
+        """Since when this connection has been stuck, waiting for a request head or in a body more than
+        `STUCK_BEHIND_S` behind the minimum rate (grace or not: at a cap, a body that trickles gives way to a
+        newcomer); None while it is busy."""
+        if self.waiting_for_head:
+            return self.waiting_since
+        started, rate = self._body_started_at, self.limits.min_body_bytes_per_s
+        if self.conn.their_state is not h11.SEND_BODY or self.flow.read_paused or started is None or not rate:
+            return None
+        behind_s = self.loop.time() - started - self._body_bytes / rate
+        return started if behind_s > STUCK_BEHIND_S else None
 
     def _rearm(self) -> None:
         """Checks again at this connection's deadline, if it has one (`_on_deadline` moves it on as the
@@ -130,19 +177,48 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.abort()
 
     def _make_room(self) -> None:
-        excess = len(self.connections) - self.limits.max_connections
-        if excess <= 0:
-            return
-        others = (c for c in self.connections if c is not self and isinstance(c, GuardedH11Protocol))
-        waiting = [c for c in others if c.waiting_for_head]
-        for connection in heapq.nsmallest(excess, waiting, key=lambda c: c.waiting_since):
-            connection.close_now()
+        """Closes the longest-stuck connections beyond the cap, then beyond this address's cap (counted only when
+        there are more connections than that cap: counting takes a pass over them all)."""
+        if len(self.connections) > self.limits.max_connections:
+            _close_longest_stuck(self._others(), len(self.connections) - self.limits.max_connections)
+        self._over_client_cap = False
+        if 0 < self.limits.max_connections_per_client < len(self.connections):
+            peers = self._others(self.client_host)
+            _close_longest_stuck(peers, len(peers) + 1 - self.limits.max_connections_per_client)
+            self._over_client_cap = len(self._others(self.client_host)) >= self.limits.max_connections_per_client
+
+    def _others(self, host: str | None = None) -> list[GuardedH11Protocol]:
+        """The other open connections (from `host` only, when given)."""
+        return [
+            c
+            for c in self.connections
+            if c is not self and isinstance(c, GuardedH11Protocol) and (host is None or c.client_host == host)
+        ]
+
+    def _refusal(self) -> str | None:
+        """Why a request on this connection cannot be taken now: it is beyond a cap, and no one is stuck."""
+        if len(self.connections) > self.limits.max_connections or self._over_client_cap:
+            self._make_room()  # others may have closed, or got stuck, since this one connected
+        if len(self.connections) > self.limits.max_connections:
+            return f"the server has {self.limits.max_connections} connections open, all busy"
+        if self._over_client_cap:
+            cap = self.limits.max_connections_per_client
+            return f"this client address has {cap} connections open, all busy (max_connections_per_client)"
+        return None
 
     async def _app_within_capacity(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if len(self.connections) <= self.limits.max_connections:
+        refusal = self._refusal()
+        if refusal is None:
             await self._application(scope, receive, send)
             return
-        message = f"the server has {self.limits.max_connections} connections open, all busy; retry later"
-        response = error_response(503, "too_many_connections", message, retry_after=1.0)
+        response = error_response(503, "too_many_connections", f"{refusal}; retry later", retry_after=1.0)
         response.headers["connection"] = "close"
         await response(scope, receive, send)
+
+
+def _close_longest_stuck(connections: list[GuardedH11Protocol], excess: int) -> None:
+    if excess <= 0:
+        return
+    stuck = [(since, connection) for connection in connections if (since := connection.stuck_since()) is not None]
+    for _, connection in heapq.nsmallest(excess, stuck, key=itemgetter(0)):
+        connection.close_now()

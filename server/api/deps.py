@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import Request
+import asyncio
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
 
 from prompt_store import is_valid_task_id
 from server.components import Components
-from server.errors import Forbidden, InvalidInput, NotReady
+from server.errors import Forbidden, InvalidInput, NotReady, RateLimited
+from server.registry.listing import MAX_CURSOR_CHARS, MAX_PAGE_SIZE
 from server.tenancy.keys import Caller
 
 
@@ -39,6 +43,26 @@ def admin(request: Request) -> Caller:
     if not who.admin:
         raise Forbidden("this route needs an admin key")
     return who
+
+
+async def management_budget(request: Request, who: Annotated[Caller, Depends(caller)]) -> None:
+    """Charges the caller's tenant 1 of its management budget (every authenticated route but inference, which has a
+    budget of its own; a listing also `spend`s 1 per task it read). A refusal is answered after `shed_delay_ms`, as a
+    shed request is: a client looping on 429s then waits instead of taking the server's time from everyone else."""
+    rt = components(request)
+    try:
+        await rt.management.admit(who.tenant)
+    except RateLimited:
+        await asyncio.sleep(rt.settings.shed_delay_ms / 1000)
+        raise
+
+
+# The paging parameters of every listing (see `server.registry.listing`).
+PageLimit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="most items in this page")]
+PageCursor = Annotated[
+    str | None,
+    Query(max_length=MAX_CURSOR_CHARS, description="the `next_cursor` of the previous page (omit for the first)"),
+]
 
 
 async def wait_for_disconnect(request: Request) -> None:

@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 
 
 class BodyTooLarge(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"the request body is larger than this server's limit of {limit} bytes")
+    def __init__(self, limit: int, what: str = "request body", setting: str = "(max_body_bytes)") -> None:
+        super().__init__(f"the {what} is larger than this server's limit of {limit} bytes {setting}")
+        self.limit = limit
 
 
 class BodyRefused(StarletteHTTPException):

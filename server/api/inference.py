@@ -2,76 +2,28 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from functools import lru_cache
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
-from fastapi.routing import APIRoute
 from starlette.types import Receive, Scope, Send
 
 from server.api.deps import caller, components, wait_for_disconnect
 from server.api.errors import ERROR_STATUSES, REJECTION_REASONS, documented_errors, error_envelope, error_param
 from server.components import Components
 from server.serving.schemas import ClassifyRequest, ClassifyResponse, GenerateRequest, GenerateResponse
-from server.serving.service import Streaming
+from server.serving.service import InferenceService, Streaming
 from server.tenancy.keys import Caller
 
 log = logging.getLogger(__name__)
 
-OVERLOADED = "overloaded"
-
-
-class ShedWhenFull(APIRoute):
-    """Answers 503 before the body is read, parsed or validated when the queue has no room for even one row.
-
-    A flood of requests that would all be refused then costs almost nothing, and the requests already
-    accepted keep the server's time. The 503 is sent after `shed_delay_ms`, so a client that retries at once
-    (a retry storm, or a hostile tenant) sends a few requests a second per connection, not thousands. Any request that could fit goes on to the full checks (and a request
-    that can never be served gets its 422 there, once the queue has room).
-    """
-
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
-        handler = super().get_route_handler()
-
-        async def shed_or_handle(request: Request) -> Response:
-            shed = _shed(request)
-            if shed is None:
-                return await handler(request)
-            # A client that retries a 503 at once would otherwise take the event loop (and the cores) from
-            # the requests being served; `Retry-After` asked it to wait longer than this anyway.
-            await asyncio.sleep(request.app.state.lifecycle.settings.shed_delay_ms / 1000)
-            return shed
-
-        return shed_or_handle
-
-
-def _shed(request: Request) -> Response | None:
-    lifecycle = request.app.state.lifecycle
-    rt: Components | None = lifecycle.components
-    if rt is None or not rt.executor.is_full:
-        return None
-    lifecycle.metrics.rejections.labels(reason=OVERLOADED).inc()
-    error = rt.executor.queue_full()
-    headers = {"Retry-After": str(max(1, round(error.retry_after_s)))}
-    return Response(_overloaded_body(str(error)), 503, headers, media_type="application/json")
-
-
-@lru_cache(maxsize=4)
-def _overloaded_body(message: str) -> bytes:
-    """The same bytes for every shed request: serialised once."""
-    return json.dumps(error_envelope(503, OVERLOADED, message)).encode()
-
-
 router = APIRouter(
     prefix="/v1",
     tags=["inference"],
-    route_class=ShedWhenFull,
     responses=documented_errors(400, 401, 403, 404, 413, 422, 429, 500, 503, 504),
 )
 
@@ -80,7 +32,8 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no 
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "the outputs; with `stream: true`, server-sent events instead: one per token "
-        "(`data: {index, token: {id, text}}`), then `event: end` (or `event: error` with the error body)",
+        "(`data: {index, token: {id, text}}`, with `logprobs` when asked), then `event: end` (or `event: error` "
+        "with the error body)",
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
     }
 }
@@ -97,7 +50,7 @@ async def generate(
 ) -> GenerateResponse | Response:
     if body.stream:  # refusals come before the first byte: plain JSON errors, as for any request
         version, stream = await rt.inference.generate_stream(who.tenant, body)
-        return EventStream(generate_events(request, body.task_id, version, stream))
+        return EventStream(generate_events(request, body.task_id, version, stream, rt.inference))
     return await rt.inference.generate(who.tenant, body, lambda: wait_for_disconnect(request))
 
 
@@ -121,13 +74,19 @@ class EventStream(StreamingResponse):
             await self.events.aclose()
 
 
-async def generate_events(request: Request, task_id: str, version: int, stream: Streaming) -> AsyncGenerator[str, None]:
+async def generate_events(
+    request: Request, task_id: str, version: int, stream: Streaming, inference: InferenceService
+) -> AsyncGenerator[str, None]:
     """One event per token, then `end` with the whole generation; an error once the stream has begun (the
     status line is sent) becomes an `error` event with the API's error body."""
     try:
         async with aclosing(aiter(stream)) as tokens:  # stopping early closes the row's stream: the row leaves
             async for token in tokens:
-                yield server_event({"index": token.index, "token": {"id": token.token_id, "text": token.text}})
+                event: dict[str, Any] = {"index": token.index, "token": {"id": token.token_id, "text": token.text}}
+                if token.logprobs is not None:
+                    (entry,) = inference.token_logprobs([token.token_id], [token.logprobs])
+                    event["logprobs"] = entry.model_dump()
+                yield server_event(event)
     except Exception as error:
         yield server_event(error_body(request, error), "error")
         return

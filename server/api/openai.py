@@ -8,10 +8,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request, Response
 
-from server.api.deps import caller, components, wait_for_disconnect
+from server.api.deps import PageCursor, PageLimit, caller, components, management_budget, wait_for_disconnect
 from server.api.errors import documented_errors
-from server.api.inference import EventStream, ShedWhenFull, error_body, server_event
+from server.api.inference import EventStream, error_body, server_event
 from server.components import Components
+from server.registry.listing import DEFAULT_PAGE_SIZE
 from server.serving.openai_compat import OpenAIService
 from server.serving.openai_schemas import (
     MAX_MODEL_CHARS,
@@ -19,15 +20,17 @@ from server.serving.openai_schemas import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    EmbeddingList,
+    EmbeddingRequest,
     ModelCard,
     ModelList,
 )
 from server.tenancy.keys import Caller
 
 ERRORS = documented_errors(400, 401, 403, 404, 413, 422, 429, 500, 503, 504)
-models_router = APIRouter(prefix="/v1", tags=["openai"], responses=ERRORS)
-# Like `/v1/generate`: answered 503 before the body is read while the queue has no room.
-generation_router = APIRouter(prefix="/v1", tags=["openai"], route_class=ShedWhenFull, responses=ERRORS)
+models_router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(management_budget)], responses=ERRORS)
+# Like `/v1/generate`: answered 503 before the body is read while the queue has no room (`server.api.shedding`).
+generation_router = APIRouter(prefix="/v1", tags=["openai"], responses=ERRORS)
 
 Who = Annotated[Caller, Depends(caller)]
 
@@ -49,8 +52,17 @@ CHUNK_STREAM: dict[int | str, dict[str, Any]] = {
 
 
 @models_router.get("/models", response_model=ModelList)
-async def list_models(who: Who, service: Service) -> ModelList:
-    return await service.models(who.tenant)
+async def list_models(
+    who: Who,
+    service: Service,
+    rt: Annotated[Components, Depends(components)],
+    limit: PageLimit = DEFAULT_PAGE_SIZE,
+    cursor: PageCursor = None,
+) -> ModelList:
+    """One page of the tenant's models (tasks) by id; follow `next_cursor` until it is null for the rest."""
+    models = await service.models(who.tenant, cursor, limit)
+    await rt.management.spend(who.tenant, len(models.data))
+    return models
 
 
 @models_router.get("/models/{model}", response_model=ModelCard)
@@ -76,6 +88,12 @@ async def create_chat_completion(
     if body.stream:
         return EventStream(chunk_events(request, await service.stream_chat(who.tenant, body)))
     return await service.complete_chat(who.tenant, body, lambda: wait_for_disconnect(request))
+
+
+@generation_router.post("/embeddings", response_model=EmbeddingList)
+async def create_embeddings(body: EmbeddingRequest, request: Request, who: Who, service: Service) -> EmbeddingList:
+    """Each input's embedding with the task's soft prompt: the encoder's output averaged over the input's tokens."""
+    return await service.embed(who.tenant, body, lambda: wait_for_disconnect(request))
 
 
 async def chunk_events(request: Request, chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[str, None]:

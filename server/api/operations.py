@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.api.deps import admin, caller, components
+from server.api.deps import admin, caller, components, management_budget
 from server.api.errors import documented_errors
 from server.components import Components
 from server.tenancy.keys import Caller
@@ -52,7 +52,7 @@ async def metrics(request: Request) -> Response:
     return Response(lifecycle.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/info", responses=documented_errors(401, 403, 503))
+@router.get("/v1/info", dependencies=[Depends(management_budget)], responses=documented_errors(401, 403, 429, 503))
 async def info(
     who: Annotated[Caller, Depends(caller)], rt: Annotated[Components, Depends(components)]
 ) -> dict[str, Any]:

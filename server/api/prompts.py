@@ -1,4 +1,4 @@
-"""`/v1/prompts...`: upload, list, read, download, activate, ensemble, delete."""
+"""`/v1/prompts...`: upload, list, read, download, activate, ensemble, pin, delete."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, Response, UploadFile
 
 from prompt_store import TASK_ID_PATTERN, PromptFormat
-from server.api.deps import caller, components
+from server.api.deps import PageCursor, PageLimit, caller, components, management_budget
 from server.api.errors import documented_errors
 from server.components import Components
 from server.errors import InvalidInput
 from server.registry.explain import MAX_NEIGHBOURS
+from server.registry.listing import DEFAULT_PAGE_SIZE
 from server.registry.schemas import (
     ActivateRequest,
     EnsembleRequest,
@@ -25,7 +26,10 @@ from server.registry.schemas import (
 from server.tenancy.keys import Caller
 
 router = APIRouter(
-    prefix="/v1/prompts", tags=["prompts"], responses=documented_errors(400, 401, 403, 404, 413, 415, 422, 429, 503)
+    prefix="/v1/prompts",
+    tags=["prompts"],
+    dependencies=[Depends(management_budget)],
+    responses=documented_errors(400, 401, 403, 404, 413, 415, 422, 429, 503),
 )
 
 TaskId = Annotated[str, Path(pattern=TASK_ID_PATTERN)]
@@ -40,6 +44,7 @@ MEDIA_TYPES = {
 
 
 UPLOAD_PARTS = ("file", "metadata")
+MAX_METADATA_CHARS = 1 << 20  # what the form parser takes of a field at most (1 MiB)
 
 
 async def one_of_each_part(request: Request) -> None:
@@ -59,15 +64,21 @@ async def upload_prompt(
     who: Who,
     rt: Rt,
     file: Annotated[UploadFile, File(description="safetensors, .npy, or a PEFT adapter (zip/tar)")],
-    metadata: Annotated[str | None, Form(description="JSON: labels, description, input_template, ...")] = None,
+    metadata: Annotated[
+        str | None, Form(max_length=MAX_METADATA_CHARS, description="JSON: labels, description, input_template, ...")
+    ] = None,
 ) -> UploadResponse:
     meta = rt.prompts.parse_metadata(metadata)
     return UploadResponse.of(await rt.prompts.upload(who.tenant, task_id, file.file, meta))
 
 
 @router.get("", response_model=PromptList)
-async def list_prompts(who: Who, rt: Rt) -> PromptList:
-    return PromptList(prompts=[PromptSummary.of(r) for r in await rt.prompts.list_tasks(who.tenant)])
+async def list_prompts(who: Who, rt: Rt, limit: PageLimit = DEFAULT_PAGE_SIZE, cursor: PageCursor = None) -> PromptList:
+    """One page of the tenant's tasks by task id; follow `next_cursor` until it is null for the rest."""
+    page = await rt.prompts.task_page(who.tenant, cursor, limit)
+    await rt.management.spend(who.tenant, len(page.records))
+    prompts = [rt.prompts.summary(r) for r in page.records]
+    return PromptList(prompts=prompts, has_more=page.has_more, next_cursor=page.next_cursor)
 
 
 @router.get("/{task_id}", response_model=TaskView)
@@ -101,7 +112,9 @@ async def nearest_tokens(
 
 @router.get("/{task_id}/similar", response_model=SimilarTasks)
 async def similar_tasks(task_id: TaskId, who: Who, rt: Rt, k: Neighbours = 5) -> SimilarTasks:
-    return await rt.prompts.explain.similar_tasks(who.tenant, task_id, k)
+    similar = await rt.prompts.explain.similar_tasks(who.tenant, task_id, k)
+    await rt.management.spend(who.tenant, similar.compared)
+    return similar
 
 
 @router.post("/{task_id}/activate", response_model=TaskView)
@@ -117,6 +130,19 @@ async def set_ensemble(task_id: TaskId, body: EnsembleRequest, who: Who, rt: Rt)
 @router.delete("/{task_id}/ensemble", response_model=TaskView)
 async def clear_ensemble(task_id: TaskId, who: Who, rt: Rt) -> TaskView:
     return TaskView.of(await rt.prompts.set_ensemble(who.tenant, task_id, []))
+
+
+@router.put("/{task_id}/pin", response_model=PromptSummary)
+async def pin_prompt(task_id: TaskId, who: Who, rt: Rt) -> PromptSummary:
+    """Keeps the task's active prompt (whichever version is active) on the device of every replica, never evicted:
+    within the tenant's `max_pinned_per_tenant` (429) and the prompt cache's budget (422)."""
+    return await rt.prompts.pin(who.tenant, task_id)
+
+
+@router.delete("/{task_id}/pin", response_model=PromptSummary)
+async def unpin_prompt(task_id: TaskId, who: Who, rt: Rt) -> PromptSummary:
+    """The task's prompt becomes evictable again (it stays loaded until the cache needs the room)."""
+    return await rt.prompts.unpin(who.tenant, task_id)
 
 
 @router.delete("/{task_id}", status_code=204, response_class=Response)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Request
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 
 from prompt_store import TASK_ID_PATTERN
-from server.api.deps import caller, components
+from server.api.deps import caller, components, management_budget
 from server.api.errors import documented_errors
 from server.components import Components
 from server.jobs.schemas import JobAccepted, JobList, JobView, TrainingJobRequest
@@ -24,6 +24,7 @@ from server.tenancy.keys import Caller
 router = APIRouter(
     prefix="/v1/training-jobs",
     tags=["training"],
+    dependencies=[Depends(management_budget)],
     responses=documented_errors(400, 401, 403, 404, 409, 413, 415, 422, 429, 503),
 )
 
@@ -102,12 +103,15 @@ async def list_jobs(who: Who, rt: Rt) -> JobList:
     return JobList(jobs=[JobView.of(record) for record in await rt.training.tenant_jobs(who.tenant)])
 
 
+JobId = Annotated[str, Path(max_length=64, description="a job id (32 hex digits)")]
+
+
 @router.get("/{job_id}", response_model=JobView)
-async def get_job(job_id: str, who: Who, rt: Rt) -> JobView:
+async def get_job(job_id: JobId, who: Who, rt: Rt) -> JobView:
     return JobView.of(await rt.training.get(who.tenant, job_id))
 
 
 @router.delete("/{job_id}", response_model=JobView)
-async def cancel_job(job_id: str, who: Who, rt: Rt) -> JobView:
+async def cancel_job(job_id: JobId, who: Who, rt: Rt) -> JobView:
     """Cancels a queued or running job (409 once it has ended or is registering its prompt)."""
     return JobView.of(await rt.training.cancel(who.tenant, job_id))

@@ -1,6 +1,11 @@
 """`EngineClient`: the HTTP side of the engine. Submits rows, routes each event to the request waiting for it,
 counts the rows this process has in the engine (what sheds load before any work), and fails them with 503 when
-the engine goes down instead of letting them hang."""
+the engine goes down instead of letting them hang.
+
+It also exports what the inference gateway's model server protocol asks of a model server: rows queued and
+running and the row cache's fill, from the engine's own `StepStats`, and which tasks have rows running and which
+have rows waiting, from the rows this process submitted (a generate row waits until it `Joined`; classify and beam
+rows are running from the start, as the engine counts them)."""
 
 from __future__ import annotations
 
@@ -8,16 +13,18 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import Counter
+from collections.abc import Sequence
 
+from server.engine.limits import EngineLimits
 from server.engine.link import EngineLink
 from server.engine.protocol import (
+    LAST_EVENTS,
     EngineRequest,
     Event,
     Failed,
-    Finished,
-    Generated,
+    GenerateRow,
     Joined,
-    Scores,
     StepStats,
     Token,
 )
@@ -27,19 +34,21 @@ from server.metrics import ServerMetrics
 log = logging.getLogger(__name__)
 
 RowEvents = asyncio.Queue  # of `Event`: what one row hears from the engine, in order
-FINAL = (Finished, Scores, Generated, Failed)
 
 
 class EngineClient:
-    def __init__(self, link: EngineLink, max_queue_size: int, metrics: ServerMetrics) -> None:
+    def __init__(self, link: EngineLink, max_queue_size: int, metrics: ServerMetrics, limits: EngineLimits) -> None:
         self.link = link
         self.capacity = max_queue_size  # rows in flight: waiting for a place in the decoder step, or in it
         self.metrics = metrics
+        self.limits = limits
         self.healthy = False
         self.problem = "the engine is starting"
         self._ids = itertools.count(1)
         self._rows: dict[int, RowEvents] = {}
         self._submitted_at: dict[int, float] = {}  # generate rows not yet given their first token
+        self._tasks = TaskRows()
+        self._publish_tasks()
 
     async def start(self) -> None:
         await self.link.start(self._deliver, self._down, self._up)
@@ -73,17 +82,21 @@ class EngineClient:
     def new_id(self) -> int:
         return next(self._ids)
 
-    def submit(self, requests: list[EngineRequest]) -> list[RowEvents]:
-        """Hands the rows to the engine (all or none) and returns each row's event queue, in order."""
+    def submit(self, requests: list[EngineRequest], tasks: Sequence[str] = ()) -> list[RowEvents]:
+        """Hands the rows to the engine (all or none) and returns each row's event queue, in order. `tasks` names
+        each row's task for the metrics (default: a generate row's own `task`)."""
         self.check_room(len(requests))
         queues: list[RowEvents] = []
         now = time.perf_counter()
-        for request in requests:
+        tasks = tasks or [getattr(request, "task", "") for request in requests]
+        for request, task in zip(requests, tasks, strict=True):
             events: RowEvents = asyncio.Queue()
             self._rows[request.request_id] = events
             queues.append(events)
             self._submitted_at[request.request_id] = now
+            self._tasks.add(request.request_id, task, waiting=isinstance(request, GenerateRow))
         self.link.submit(requests)
+        self._publish_tasks()
         return queues
 
     def cancel(self, request_ids: list[int]) -> None:
@@ -92,8 +105,10 @@ class EngineClient:
         for request_id in live:
             del self._rows[request_id]
             self._submitted_at.pop(request_id, None)
+            self._tasks.remove(request_id)
         if live and self.healthy:
             self.link.cancel(live)
+        self._publish_tasks()
 
     def _deliver(self, events: list[Event], stats: StepStats) -> None:
         metrics = self.metrics.engine
@@ -106,6 +121,7 @@ class EngineClient:
                     metrics.time_to_first_token.observe(now - submitted)
             elif isinstance(event, Joined):
                 metrics.rows_joined.inc()
+                self._tasks.start(event.request_id)
                 submitted = self._submitted_at.get(event.request_id)
                 if submitted is not None:
                     self.metrics.queue_wait.observe(now - submitted)
@@ -113,17 +129,24 @@ class EngineClient:
             if row is None:
                 continue  # cancelled here already
             row.put_nowait(event)
-            if isinstance(event, FINAL):
+            if isinstance(event, LAST_EVENTS):
                 del self._rows[event.request_id]
                 self._submitted_at.pop(event.request_id, None)
+                self._tasks.remove(event.request_id)
         if stats.active_rows:
             metrics.step_duration.observe(stats.step_seconds)
             self.metrics.batch_size.observe(stats.active_rows)
             self.metrics.batch_tasks.observe(stats.tasks)
         metrics.active_rows.set(stats.active_rows)
         metrics.waiting_rows.set(stats.waiting_rows)
+        metrics.pending_rows.set(stats.pending_rows)
+        metrics.cache_tokens.set(stats.cache_tokens)
+        metrics.running_rows.set(stats.placed_rows + stats.pending_rows)
+        metrics.cache_usage.set(stats.cache_tokens / self.limits.max_cached_tokens)
+        metrics.pass_budget_spent.observe(stats.budget_spent)
         for reason, count in stats.left.items():
             metrics.rows_left.labels(reason).inc(count)
+        self._publish_tasks()
 
     def _down(self, reason: str) -> None:
         if self.healthy:
@@ -132,11 +155,58 @@ class EngineClient:
         self.metrics.engine.engine_up.set(0)
         rows, self._rows = self._rows, {}
         self._submitted_at.clear()
+        self._tasks = TaskRows()
+        self._idle_gauges()
         for request_id, events in rows.items():
             events.put_nowait(Failed(request_id, "overloaded", f"the engine stopped ({reason}); retry shortly"))
+
+    def _idle_gauges(self) -> None:
+        """A stopped engine holds nothing: its last pass's numbers no longer stand."""
+        m = self.metrics.engine
+        for gauge in (m.active_rows, m.waiting_rows, m.pending_rows, m.running_rows, m.cache_tokens, m.cache_usage):
+            gauge.set(0)
+        self._publish_tasks()
+
+    def _publish_tasks(self) -> None:
+        if self._tasks.changed:
+            running, waiting = self._tasks.names()
+            self.metrics.engine.set_tasks(running, waiting, self.limits.max_active_rows)
 
     def _up(self) -> None:
         if not self.healthy:
             log.info("the engine is up")
         self.healthy, self.problem = True, ""
         self.metrics.engine.engine_up.set(1)
+
+
+class TaskRows:
+    """Which task each of this process's rows serves, and whether the row waits for a place or runs: the names
+    of `softserve_engine_tasks_info`, recomputed only when a row comes, starts or goes."""
+
+    def __init__(self) -> None:
+        self._task: dict[int, str] = {}
+        self._waiting: set[int] = set()
+        self.changed = True
+
+    def add(self, request_id: int, task: str, waiting: bool) -> None:
+        self._task[request_id] = task
+        if waiting:
+            self._waiting.add(request_id)
+        self.changed = True
+
+    def start(self, request_id: int) -> None:
+        if request_id in self._waiting:
+            self._waiting.discard(request_id)
+            self.changed = True
+
+    def remove(self, request_id: int) -> None:
+        if self._task.pop(request_id, None) is not None:
+            self._waiting.discard(request_id)
+            self.changed = True
+
+    def names(self) -> tuple[set[str], set[str]]:
+        """The tasks with a running row, and those with a waiting row (a task may be in both)."""
+        self.changed = False
+        waiting = Counter(self._task[i] for i in self._waiting)
+        running = Counter(self._task.values()) - waiting
+        return {t for t in running if t}, {t for t in waiting if t}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -17,6 +17,8 @@ from server.engine.client import EngineClient, RowEvents
 from server.engine.protocol import (
     BeamRow,
     ClassifyRow,
+    Embedded,
+    EmbedRow,
     EngineRequest,
     Event,
     Failed,
@@ -27,6 +29,7 @@ from server.engine.protocol import (
     Sampling,
     Scores,
     Token,
+    TokenLogprobs,
 )
 from server.errors import (
     ClientDisconnected,
@@ -36,7 +39,7 @@ from server.errors import (
     Overloaded,
     ServingError,
 )
-from server.serving.batch_runner import AnyWork, ClassifyWork, GenerateWork, non_finite_error
+from server.serving.batch_runner import AnyWork, ClassifyWork, EmbedWork, GenerateWork, non_finite_error
 from server.serving.model import FrozenT5, Generation
 
 
@@ -45,6 +48,13 @@ class StreamedToken:
     index: int
     token_id: int
     text: str  # the text this token adds (held back while it would end inside a character)
+    logprobs: TokenLogprobs | None = None  # when the row asked for them
+
+
+def token_logprobs(token: Token) -> TokenLogprobs | None:
+    if token.logprob is None:
+        return None
+    return TokenLogprobs(token.logprob, token.top_ids or [], token.top_logprobs or [])
 
 
 class EngineExecutor:
@@ -65,7 +75,7 @@ class EngineExecutor:
 
     def submit(self, works: Sequence[AnyWork], tenant: str, deadline: float) -> list[asyncio.Future[Any]]:
         requests = [self._request(work, tenant, deadline) for work in works]
-        queues = self.client.submit(requests)
+        queues = self.client.submit(requests, [work.task[1] for work in works])
         futures: list[asyncio.Future[Any]] = []
         for request, events in zip(requests, queues, strict=True):
             future = asyncio.ensure_future(self._result(request, events))
@@ -85,7 +95,7 @@ class EngineExecutor:
 
     def open_stream(self, work: GenerateWork, tenant: str, deadline: float) -> TokenStream:
         request = self._request(work, tenant, deadline)
-        (events,) = self.client.submit([request])
+        (events,) = self.client.submit([request], [work.task[1]])
         return TokenStream(self, request.request_id, events)
 
     def _request(self, work: AnyWork, tenant: str, deadline: float) -> EngineRequest:
@@ -93,6 +103,8 @@ class EngineExecutor:
         row = RowInput(work.row.prompt, work.row.input_ids)
         if isinstance(work, ClassifyWork):
             return ClassifyRow(request_id, tenant, row, work.targets)
+        if isinstance(work, EmbedWork):
+            return EmbedRow(request_id, tenant, row)
         assert isinstance(work, GenerateWork)
         d = work.decoding
         if d.num_beams > 1:
@@ -101,19 +113,36 @@ class EngineExecutor:
                 d.ignore_eos,
             )  # fmt: skip
         sampling = Sampling(d.do_sample, d.temperature, d.top_p, d.seed)
-        return GenerateRow(request_id, tenant, row, sampling, work.max_new_tokens, d.ignore_eos, deadline, work.task[1])
+        logprobs = -1 if d.logprobs is None else d.logprobs
+        return GenerateRow(
+            request_id,
+            tenant,
+            row,
+            sampling,
+            work.max_new_tokens,
+            d.ignore_eos,
+            deadline,
+            work.task[1],
+            logprobs,
+            d.grammar,
+        )
 
     async def _result(self, request: EngineRequest, events: RowEvents) -> Generation | list[float]:
         tokens: list[int] = []
+        logprobs: list[TokenLogprobs] = []
         while True:
             event: Event = await events.get()
             if isinstance(event, Token):
                 tokens.append(event.token_id)
+                if (given := token_logprobs(event)) is not None:
+                    logprobs.append(given)
             elif isinstance(event, Finished):
                 raise_unless_done(event)
-                return self.model.finished(tokens, event.reason)
+                return replace(self.model.finished(tokens, event.reason), logprobs=logprobs or None)
             elif isinstance(event, Scores):
                 return event.scores
+            elif isinstance(event, Embedded):
+                return event.vector
             elif isinstance(event, Generated):
                 return self.model.finished(event.token_ids, event.reason)
             elif isinstance(event, Failed):
@@ -128,6 +157,7 @@ class TokenStream:
         self.request_id = request_id
         self.events = events
         self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprobs] = []
         self.result: Generation | None = None
 
     async def __aiter__(self) -> AsyncIterator[StreamedToken]:
@@ -141,10 +171,14 @@ class TokenStream:
                 if isinstance(event, Token):
                     self.tokens.append(event.token_id)
                     added = "" if event.token_id == eos else text.added(self.tokens)
-                    yield StreamedToken(len(self.tokens) - 1, event.token_id, added)
+                    given = token_logprobs(event)
+                    if given is not None:
+                        self.logprobs.append(given)
+                    yield StreamedToken(len(self.tokens) - 1, event.token_id, added, given)
                 elif isinstance(event, Finished):
                     raise_unless_done(event)
-                    self.result = self.executor.model.finished(self.tokens, event.reason)
+                    generation = self.executor.model.finished(self.tokens, event.reason)
+                    self.result = replace(generation, logprobs=self.logprobs or None)
                     return
                 elif isinstance(event, Failed):
                     raise failure(event)

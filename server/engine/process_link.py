@@ -5,11 +5,20 @@ temporary directory, and restarts it when it dies (after 1 s, doubling to 30 s w
 With an address it connects to an engine started by `softserve engine` and shared with other API processes;
 when that engine goes away the link waits for one to answer there again (ZeroMQ reconnects by itself).
 
-The link is one DEALER socket, used only on the loop. It pings every `HEARTBEAT_S` and hears a `Hello` back.
-The engine is down (`down(reason)`, and every row in flight is lost) when the child exits, when nothing is heard
-for `DEAD_AFTER_S`, or when a `Hello` says the engine restarted or has forgotten this client. Each
-(re)connection is a new socket with a new identity, so nothing of an earlier connection reaches the engine;
-`up()` follows the new connection's first `Hello`.
+The link is one DEALER socket, used only on the loop. Its connection is kept by ZeroMQ's own heartbeats, which
+libzmq's I/O thread sends and answers without the event loop or the GIL: a loop blocked for any time (a huge
+body being parsed) does not lose this process its place in the engine, nor its rows (`process.py`). The link
+judges the engine only by the engine's own signs of life:
+- the engine is down when the child exits, or when no `Hello` (the engine's heartbeat, every `HEARTBEAT_S`)
+  came for `DEAD_AFTER_S` while this loop itself was awake to read it. A child that is silent so is hung: it
+  is killed and started again (`softserve_engine_restarts_total`).
+- a `Hello` that says the engine does not know this client (it lost the connection a while), or that another
+  engine answers at the address, or a send that fails, loses only this connection: its rows in flight fail,
+  and a new connection is made to the same engine. A healthy child is never killed for it.
+Either way `down(reason)` is called, every row in flight is lost, and `up()` follows the new connection's first
+`Hello`. Each (re)connection is a new socket with a new identity, so nothing of an earlier connection reaches
+the engine. The link pings every `HEARTBEAT_S`: the first ping registers it, later ones ask whether the engine
+still knows it.
 """
 
 from __future__ import annotations
@@ -26,15 +35,30 @@ import tempfile
 import time
 import uuid
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
 import zmq.asyncio
+from prometheus_client import CollectorRegistry
 
+from server.engine.curve import ClientKeys, EngineKeysError, wire_keys
 from server.engine.link import Deliver, Down, Up
-from server.engine.process import HEARTBEAT_S, SETTINGS_VARIABLE
 from server.engine.protocol import Cancel, EngineRequest
-from server.engine.wire import EventBatch, Hello, Message, Ping, Submit, WireError, decode, encode
+from server.engine.wire import (
+    HEARTBEAT_S,
+    SETTINGS_VARIABLE,
+    EventBatch,
+    Hello,
+    Message,
+    Ping,
+    Submit,
+    WireError,
+    decode,
+    encode,
+    keep_alive,
+)
+from server.metrics import EngineMetrics
 from server.serving.load_errors import ModelLoadError
 from server.settings import Settings
 
@@ -43,6 +67,7 @@ log = logging.getLogger(__name__)
 DEAD_AFTER_S = 2.0  # nothing heard from the engine this long: it is down
 START_TIMEOUT_S = 600.0  # a child's model load and warm-up (a hub download included) must end within this
 RESTART_BACKOFF_S = (1.0, 30.0)  # first wait before restarting a dead child, and the most it grows to
+WAITING_LOG_S = 10.0  # how often an API process waiting for a standalone engine says so
 STOP_WAIT_S = 10.0  # a child asked to stop (SIGTERM) gets this long before it is killed
 STDERR_CHUNK = 65536
 
@@ -51,26 +76,39 @@ class EngineStartFailed(ModelLoadError):
     """The engine did not come up; the message says why in one line (most often: the model cannot load)."""
 
 
+@dataclass(frozen=True)
+class Outage:
+    """Why the current connection ended. `engine_lost`: the engine itself exited or hung (a child is started
+    again); otherwise only this connection's rows are lost and the engine is fine."""
+
+    reason: str
+    engine_lost: bool
+
+
 class ProcessLink:
     def __init__(
         self,
         settings: Settings,
         dead_after_s: float = DEAD_AFTER_S,
         start_timeout_s: float = START_TIMEOUT_S,
+        metrics: EngineMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.dead_after_s = dead_after_s
         self.start_timeout_s = start_timeout_s
+        self.metrics = metrics or EngineMetrics(CollectorRegistry())
         self.spawns = not settings.engine_address
         self.address = settings.engine_address
         self.child: asyncio.subprocess.Process | None = None
+        self._keys: ClientKeys | None = None  # CURVE keys of a tcp engine
         self._deliver: Deliver | None = None
         self._context = zmq.asyncio.Context()
         self._socket: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []  # the current connection's reader and pinger
         self._engine_id: str | None = None  # of the current connection's first `Hello`
+        self._latest_engine_id: str | None = None  # of the latest connection: another one means a restart
         self._greeted: asyncio.Future[None] | None = None
-        self._trouble: asyncio.Future[str] | None = None
+        self._trouble: asyncio.Future[Outage] | None = None
         self._last_heard = 0.0
         self._child_exit: asyncio.Task[int] | None = None
         self._child_said = ""  # the child's last line on stderr: why it exited, as it put it
@@ -87,7 +125,14 @@ class ProcessLink:
             self._remove_temp_dir = weakref.finalize(self, shutil.rmtree, temp_dir, ignore_errors=True)
             self.address = f"ipc://{temp_dir}/engine.sock"
         try:
+            keys_dir = wire_keys(self.address, self.settings.engine_keys_dir, self.settings.engine_insecure_tcp)
+            self._keys = ClientKeys.load(keys_dir) if keys_dir is not None else None
+            if self._keys is None and self.address.startswith("tcp://"):
+                log.warning("plaintext tcp to the engine at %s (engine_insecure_tcp): unauthenticated", self.address)
             await self._connect(self.start_timeout_s)
+        except EngineKeysError as error:
+            await self.stop()
+            raise EngineStartFailed(str(error)) from None
         except BaseException:
             await self.stop()
             raise
@@ -114,15 +159,22 @@ class ProcessLink:
     # Connections.
 
     async def _connect(self, timeout: float | None) -> None:
-        """Starts a child (when this link starts its engine) and a new connection; returns on its first `Hello`."""
+        """Starts a child (when this link starts its engine and has none running) and a new connection; returns
+        on its first `Hello`."""
         loop = asyncio.get_running_loop()
-        if self.spawns:
+        if self.spawns and self.child is None:
             await self._spawn()
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
         socket.setsockopt(zmq.IMMEDIATE, 1)  # no queueing for an engine not connected: it would not know us
         socket.setsockopt(zmq.SNDHWM, 0)  # the API side's admission bounds what waits
+        # While the loop is blocked libzmq goes on reading (and so answering heartbeats): what arrives waits here,
+        # bounded by this process's rows in flight.
+        socket.setsockopt(zmq.RCVHWM, 0)
         socket.setsockopt(zmq.LINGER, 0)
+        keep_alive(socket)
+        if self._keys is not None:
+            self._keys.secure(socket)
         socket.connect(self.address)
         self._socket, self._engine_id = socket, None
         self._greeted, self._trouble = loop.create_future(), loop.create_future()
@@ -131,8 +183,9 @@ class ProcessLink:
         waiters: list[asyncio.Future[Any]] = [self._greeted]
         if self._child_exit is not None:
             waiters.append(self._child_exit)
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await self._wait_for_answer(waiters, timeout)
         if self._greeted.done():
+            self._count_restart()
             return
         exited = self._child_exit is not None and self._child_exit.done()
         reason = (
@@ -141,6 +194,25 @@ class ProcessLink:
         await self._disconnect()
         await self._end_child(0)
         raise EngineStartFailed(reason)
+
+    async def _wait_for_answer(self, waiters: list[asyncio.Future[Any]], timeout: float | None) -> None:
+        """Until the first `Hello` (or the child's exit, or `timeout`); an engine started elsewhere is waited for
+        with a line in the log every `WAITING_LOG_S`, saying where and how to start one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self.spawns:
+            log.info("waiting for an engine at %s", self.address)
+        while not any(waiter.done() for waiter in waiters):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            step = WAITING_LOG_S if left is None else min(WAITING_LOG_S, left)
+            await asyncio.wait(waiters, timeout=step, return_when=asyncio.FIRST_COMPLETED)
+            if not self.spawns and not any(waiter.done() for waiter in waiters):
+                log.warning(
+                    "waiting for an engine at %s: none answers yet (start one with `softserve engine --address %s`)",
+                    self.address,
+                    self.address,
+                )
 
     async def _disconnect(self) -> None:
         for task in self._tasks:
@@ -167,15 +239,21 @@ class ProcessLink:
             elif isinstance(message, EventBatch) and self._deliver is not None:
                 self._deliver(message.events, message.stats)
 
+    def _count_restart(self) -> None:
+        """A connection greeted by another engine than the latest one: the engine restarted."""
+        if self._latest_engine_id not in (None, self._engine_id):
+            self.metrics.restarts.inc()
+        self._latest_engine_id = self._engine_id
+
     def _hear(self, hello: Hello) -> None:
         if self._engine_id is None:
             if hello.known:  # an answer to this connection's own pings
                 self._engine_id = hello.engine_id
                 _resolve(self._greeted, None)
         elif hello.engine_id != self._engine_id:
-            _resolve(self._trouble, "the engine restarted")
+            _resolve(self._trouble, Outage("another engine answers at the address (the engine restarted)", False))
         elif not hello.known:
-            _resolve(self._trouble, "the engine forgot this client (it fell silent too long)")
+            _resolve(self._trouble, Outage("the engine forgot this client (its connection was lost a while)", False))
 
     async def _ping(self, socket: zmq.asyncio.Socket) -> None:
         while True:
@@ -191,22 +269,24 @@ class ProcessLink:
 
     def _check_sent(self, sent: asyncio.Future[Any]) -> None:
         if not sent.cancelled() and sent.exception() is not None:
-            _resolve(self._trouble, f"the engine is unreachable ({sent.exception()})")
+            _resolve(self._trouble, Outage(f"the engine is unreachable ({sent.exception()})", False))
 
     # Supervision.
 
     async def _supervise(self, down: Down, up: Up) -> None:
         backoff, up_since = RESTART_BACKOFF_S[0], time.monotonic()
         while True:
-            reason = await self._watch()
+            outage = await self._watch()
             await self._disconnect()  # first: nothing of this connection is delivered after `down`
-            log.error("the engine at %s is down: %s", self.address, reason)
-            down(reason)
+            what = "is down" if outage.engine_lost else "lost this connection (the engine goes on)"
+            log.error("the engine at %s %s: %s", self.address, what, outage.reason)
+            down(outage.reason)
             if time.monotonic() - up_since > RESTART_BACKOFF_S[1]:
                 backoff = RESTART_BACKOFF_S[0]  # it had been fine a while: not a crash loop
-            while True:
+            if outage.engine_lost:
                 await self._end_child(0)
-                if self.spawns:
+            while True:
+                if self.spawns and self.child is None:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
                 try:
@@ -218,8 +298,8 @@ class ProcessLink:
             log.info("the engine at %s is up again", self.address)
             up()
 
-    async def _watch(self) -> str:
-        """Returns why the engine is down, once it is."""
+    async def _watch(self) -> Outage:
+        """Returns why the current connection ended, once it has."""
         assert self._trouble is not None
         waiters: list[asyncio.Future[Any]] = [self._trouble]
         if self._child_exit is not None:
@@ -228,14 +308,14 @@ class ProcessLink:
         while True:
             await asyncio.wait(waiters, timeout=HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED)
             if self._child_exit is not None and self._child_exit.done():
-                return await self._child_exit_reason()
+                return Outage(await self._child_exit_reason(), engine_lost=True)
             if self._trouble.done():
                 return self._trouble.result()
             now = time.monotonic()
             silent = now - self._last_heard
             # Only when this loop itself was awake: after a blocked loop the reader has not read what came yet.
             if silent > self.dead_after_s and now - checked < 2 * HEARTBEAT_S:
-                return f"no answer from the engine for {silent:.1f} s"
+                return Outage(f"no answer from the engine for {silent:.1f} s", engine_lost=True)
             checked = now
 
     # The child.

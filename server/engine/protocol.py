@@ -29,6 +29,17 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """A chosen token's log-probability and the `k` most likely tokens' (most likely first), in the distribution
+    it was chosen from: the model's scores with undecodable ids and a banned EOS removed, and for a sampled row
+    after its temperature, top-k and top-p (what `transformers` reports as a step's `scores`)."""
+
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass(frozen=True)
 class RowInput:
     """A row's encoder input: its prompt `[P, d]` (any device or dtype: the engine moves it) and its token ids."""
 
@@ -50,6 +61,8 @@ class GenerateRow:
     ignore_eos: bool = False  # benchmarks: lengths exactly as asked
     deadline: float | None = None  # `time.monotonic()` (system-wide on Linux): the row leaves once past it
     task: str = ""  # the task's id (metrics count the tasks sharing a step)
+    logprobs: int = -1  # -1: none; k >= 0: each token's log-probability and the k most likely alternatives
+    grammar: str | None = None  # llguidance's grammar text: only tokens that keep the text in it are chosen
 
 
 @dataclass(frozen=True)
@@ -62,7 +75,7 @@ class ClassifyRow:
 
 @dataclass(frozen=True)
 class BeamRow:
-    """Beam search keeps the static `generate` path: rows of equal settings share one call."""
+    """Beam search: `transformers`' own, on the row alone, one decoder step per engine pass."""
 
     request_id: int
     tenant: str
@@ -76,7 +89,16 @@ class BeamRow:
     ignore_eos: bool = False
 
 
-EngineRequest = GenerateRow | ClassifyRow | BeamRow
+@dataclass(frozen=True)
+class EmbedRow:
+    """The encoder's output for the row, mean-pooled over its input's positions (see `Embedded`)."""
+
+    request_id: int
+    tenant: str
+    row: RowInput
+
+
+EngineRequest = GenerateRow | ClassifyRow | BeamRow | EmbedRow
 
 
 @dataclass(frozen=True)
@@ -94,8 +116,14 @@ class Joined:
 
 @dataclass(frozen=True)
 class Token:
+    """A new token; for a row that asked for log-probabilities, the token's and its most likely alternatives', from
+    the distribution it was chosen from (see `server.engine.sampling`)."""
+
     request_id: int
     token_id: int
+    logprob: float | None = None
+    top_ids: list[int] | None = None
+    top_logprobs: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -124,7 +152,17 @@ class Failed:
     message: str
 
 
-Event = Joined | Token | Finished | Scores | Generated | Failed
+@dataclass(frozen=True)
+class Embedded:
+    """An embed row's vector: the mean of the encoder's outputs over the input's tokens (`</s>` included), the
+    soft prompt's positions left out, unnormalized."""
+
+    request_id: int
+    vector: list[float]
+
+
+Event = Joined | Token | Finished | Scores | Generated | Failed | Embedded
+LAST_EVENTS = (Finished, Scores, Generated, Failed, Embedded)  # a row's last event: nothing of it follows
 
 
 @dataclass(frozen=True)
@@ -133,6 +171,10 @@ class StepStats:
 
     step_seconds: float = 0.0  # the decoder step's duration (0 when the pass had no step)
     active_rows: int = 0  # rows in the step
-    waiting_rows: int = 0  # generate rows not admitted yet
+    waiting_rows: int = 0  # generate rows waiting for a place, after the pass
     tasks: int = 0  # distinct tasks among the rows in the step
     left: dict[str, int] = field(default_factory=dict)  # rows that left, by reason
+    placed_rows: int = 0  # generate rows holding a place in the decoder step, after the pass
+    pending_rows: int = 0  # classify and beam rows not done yet, after the pass
+    cache_tokens: int = 0  # what the row cache holds, in token positions (rows x (encoder + decoder positions))
+    budget_spent: int = 0  # model work of the pass besides its decoder step, in tokens

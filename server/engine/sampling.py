@@ -7,22 +7,25 @@ its step. Ids past the tokenizer are never chosen; a row whose scores are not fi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from server.engine.protocol import Sampling
+from server.engine.protocol import Sampling, TokenLogprobs
 
 SAMPLING_TOP_K = 50  # transformers' default for sampling
 
 
 @dataclass
 class RowChoice:
-    """What the chooser needs of one row: its settings, its generator (sampled rows) and whether EOS is banned."""
+    """What the chooser needs of one row: its settings, its generator (sampled rows), whether EOS is banned, and
+    how many alternatives' log-probabilities it reports (-1: none, not even its own token's)."""
 
     sampling: Sampling
     generator: torch.Generator | None
     ban_eos: bool
+    logprobs: int = -1
 
 
 def row_generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
@@ -42,23 +45,48 @@ class TokenChooser:
         self.decodable_vocab = decodable_vocab
         self.eos_token_id = eos_token_id
 
-    def choose(self, logits: torch.Tensor, rows: list[RowChoice]) -> tuple[list[int], list[bool]]:
-        """Next token per row, and whether the row's scores were not finite (its token is then meaningless)."""
+    def choose(
+        self, logits: torch.Tensor, rows: list[RowChoice], allowed: dict[int, torch.Tensor] | None = None
+    ) -> tuple[list[int], list[bool], dict[int, TokenLogprobs]]:
+        """Next token per row, whether the row's scores were not finite (its token is then meaningless), and the
+        log-probabilities of the rows (by index) that ask for them. `allowed` (row index -> a boolean mask of the
+        vocabulary) restricts a row to the tokens its grammar allows."""
         scores = logits.float()
         scores[:, self.decodable_vocab :] = float("-inf")
+        for i, mask in (allowed or {}).items():
+            scores[i, : mask.shape[0]].masked_fill_(~mask.to(scores.device), float("-inf"))
         banned = [i for i, row in enumerate(rows) if row.ban_eos]
         if banned:
             scores[banned, self.eos_token_id] = float("-inf")
-        broken = scores.isnan().any(-1) | scores.isposinf().any(-1) | ~scores.isfinite().any(-1)
-        tokens = scores.argmax(-1)
-        sampled = [i for i, row in enumerate(rows) if row.sampling.do_sample]
+        # One pass over the scores: the largest is NaN if any is (max propagates NaN), +inf if any is, and -inf if
+        # none is finite: a row whose largest score is not finite can be neither ranked nor sampled.
+        largest, tokens = scores.max(dim=-1)
+        broken = ~largest.isfinite()
+        sampled = [i for i, row in enumerate(rows) if row.sampling.do_sample and not broken[i]]
         if sampled:
-            fine = [i for i in sampled if not broken[i]]
-            if fine:
-                probs = self._sampling_probs(scores[fine], [rows[i].sampling for i in fine])
-                for j, i in enumerate(fine):
-                    tokens[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
-        return tokens.tolist(), broken.tolist()
+            probs = self._sampling_probs(scores[sampled], [rows[i].sampling for i in sampled])
+            for j, i in enumerate(sampled):
+                tokens[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
+            scores[sampled] = probs.log()  # what those rows were drawn from
+        chosen = tokens.tolist()
+        asked = [i for i, row in enumerate(rows) if row.logprobs >= 0 and not broken[i]]
+        return chosen, broken.tolist(), self._logprobs(scores, asked, chosen, rows) if asked else {}
+
+    @staticmethod
+    def _logprobs(
+        scores: torch.Tensor, asked: list[int], chosen: list[int], rows: list[RowChoice]
+    ) -> dict[int, TokenLogprobs]:
+        logprobs = torch.log_softmax(scores[asked], dim=-1)
+        k = max(rows[i].logprobs for i in asked)
+        top = torch.topk(logprobs, k, dim=-1) if k else None
+        answers = {}
+        for j, i in enumerate(asked):
+            wanted = rows[i].logprobs
+            ids = top.indices[j, :wanted].tolist() if top is not None else []
+            values = top.values[j, :wanted].tolist() if top is not None else []
+            possible = sum(v > -math.inf for v in values)  # tokens the warpers ruled out are no alternatives
+            answers[i] = TokenLogprobs(float(logprobs[j, chosen[i]]), ids[:possible], values[:possible])
+        return answers
 
     @staticmethod
     def _sampling_probs(scores: torch.Tensor, settings: list[Sampling]) -> torch.Tensor:

@@ -1,40 +1,45 @@
-"""`Engine`: continuous batching of generate rows of any tasks, one decoder step at a time.
+"""`Scheduler`: the engine's policy, with no model. It decides what the next pass does and what the pass's
+outputs mean; `ModelRunner` (server/engine/runner.py) does the work; `Engine` (server/engine/engine.py) loops.
 
-    requests ──▶ waiting (round-robin across tenants)
-                    │  admitted while there is room (max_active_rows, max_cached_tokens)
-                    ▼
-               encoder pass (new rows of any tasks together, by the exactness layout)
-                    │  cross-attention keys/values computed once per row
-                    ▼
-               active rows ──▶ decoder step (all rows, each at its own position) ──▶ one token per row
-                    ▲                                                             │
-                    └──────── rows that finished leave; waiting rows take their place
+    schedule(now) -> Plan, carried out by the runner in this order:
+        leave    rows that end before the step: cancelled, or past their deadline
+        park     rows preempted for a tenant below its share of places (their cache is kept aside, exactly)
+        join     waiting rows that take a place: encoded (or restored, when they were parked)
+        pieces   classify scoring and beam search steps, cut to fit the pass's budget
+        step     one decoder step for every row in place
+    update(plan, outcome) -> the pass's events and stats
 
-A row leaves the step it finishes: end-of-sequence, its own `max_new_tokens`, non-finite scores, cancelled (its
-client left) or its deadline. Classify rows (one teacher-forced decoder pass) and beam rows (`model.generate`,
-the static path) run between steps, so a classify request waits at most one step behind long generations.
+Budget: besides its decoder step (one token per row in place), a pass does at most `pass_budget_tokens` of
+model work: a joining row costs its encoder tokens, a classify piece its row's encoder tokens (first piece) and
+the decoder positions it scores, a beam step its beams (and the row's encoder tokens on its first step). Work
+larger than a budget is cut into pieces that run in later passes, between decoder steps. The first item of a
+pass always runs, so a row larger than the budget still runs, alone in its pass. Joins and pieces take turns
+at going first, so neither kind starves the other.
 
-`submit` and `cancel` are thread-safe; `run` is the loop, in its own thread (or process), and the only code
-that touches the model. `emit` gets each pass's events in order.
+Places: the tenants with rows in place or waiting share `max_active_rows`. When no place is free, a waiting
+tenant takes the place of the newest row of the tenant holding the most, if that tenant holds at least two
+more than the waiting one; the parked row goes back to the head of its tenant's queue and resumes exactly where
+it stopped. Among waiting tenants, the one holding fewest places joins first (round-robin among equals).
+
+Memory: the row cache is a rectangle, rows x (encoder positions + decoder positions), each side rounded up by
+`cache_side` (at most 25% over). Admission charges the rectangle the cache will hold with the joining row, so
+what is charged (`max_cached_tokens`) is what is held; the rectangle shrinks when rows leave.
 """
 
 from __future__ import annotations
 
-import logging
-import queue
-import threading
-import time
+import math
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-import torch
-
+from server.engine.limits import EngineLimits
 from server.engine.protocol import (
     BeamRow,
-    Cancel,
     ClassifyRow,
+    Embedded,
+    EmbedRow,
     EngineRequest,
     Event,
     Failed,
@@ -44,357 +49,572 @@ from server.engine.protocol import (
     Generated,
     GenerateRow,
     Joined,
-    RowInput,
     Scores,
     StepStats,
     Token,
+    TokenLogprobs,
 )
-from server.engine.sampling import RowChoice, TokenChooser, row_generator
-from server.errors import ClientDisconnected, NonFiniteScores, Overloaded
-from server.serving.batch_runner import AnyWork, BatchRunner, ClassifyWork, GenerateWork
-from server.serving.model import Decoding, FrozenT5, Row
 
-log = logging.getLogger(__name__)
-
-IDLE_WAIT_S = 0.05  # how long an idle loop blocks on its inbox before looking at its stop flag again
-Emit = Callable[[list[Event], StepStats], None]
-Q = TypeVar("Q", GenerateRow, ClassifyRow, BeamRow)
+Q = TypeVar("Q")
+SHRINK_SLACK = 1.5  # a cache side larger than this times what its rows need is cut down to size
 
 
-@dataclass(frozen=True)
-class EngineLimits:
-    max_active_rows: int  # rows in one decoder step
-    max_cached_tokens: int  # encoder + decoder tokens the active rows may hold
-    max_batch_size: int  # rows in one encoder pass (and one classify or beam call)
-    max_batch_tokens: int  # tokens in one encoder pass (and one classify or beam call)
-
-
-class FairQueue(Generic[Q]):
-    """Rows waiting, taken round-robin across tenants (one tenant's flood cannot starve another)."""
+class TenantQueues(Generic[Q]):
+    """Items waiting, one queue per tenant; the tenants in round-robin order (whoever was served goes last)."""
 
     def __init__(self) -> None:
         self._queues: OrderedDict[str, deque[Q]] = OrderedDict()
         self.size = 0
 
-    def put(self, row: Q) -> None:
-        self._queues.setdefault(row.tenant, deque()).append(row)
+    def put(self, tenant: str, item: Q) -> None:
+        self._queues.setdefault(tenant, deque()).append(item)
         self.size += 1
 
-    def peek(self) -> Q | None:
-        return next(iter(self._queues.values()))[0] if self._queues else None
+    def put_front(self, tenant: str, item: Q) -> None:
+        """Back to the head of its tenant's queue (a parked row, a row with pieces left)."""
+        self._queues.setdefault(tenant, deque()).appendleft(item)
+        self.size += 1
 
-    def pop(self) -> Q:
-        tenant, rows = next(iter(self._queues.items()))
-        row = rows.popleft()
-        del self._queues[tenant]
-        if rows:
-            self._queues[tenant] = rows  # to the back of the round
+    def tenants(self) -> list[str]:
+        return list(self._queues)
+
+    def items(self, tenant: str) -> list[Q]:
+        return list(self._queues.get(tenant, ()))
+
+    def rotate(self, tenant: str) -> None:
+        """The tenant goes to the back of the round (if it still has items)."""
+        if tenant in self._queues:
+            self._queues.move_to_end(tenant)
+
+    def head(self, tenant: str) -> Q:
+        return self._queues[tenant][0]
+
+    def pop(self, tenant: str) -> Q:
+        items = self._queues.pop(tenant)
+        item = items.popleft()
+        if items:
+            self._queues[tenant] = items  # to the back of the round
         self.size -= 1
-        return row
+        return item
 
-    def drain(self) -> Iterator[Q]:
-        while self.size:
-            yield self.pop()
+    def remove(self, tenant: str, item: Q) -> None:
+        """By identity: rows hold tensors, which do not compare as values."""
+        items = self._queues[tenant]
+        del items[next(i for i, other in enumerate(items) if other is item)]
+        self.size -= 1
+        if not items:
+            del self._queues[tenant]
+
+    def __iter__(self) -> Iterator[tuple[str, Q]]:
+        return ((tenant, item) for tenant, items in list(self._queues.items()) for item in list(items))
+
+
+@dataclass(eq=False)
+class Placed:
+    """A generate row holding a place in the decoder step."""
+
+    request: GenerateRow
+    seq: int  # order of admission: the newest is parked first
+
+
+@dataclass(eq=False)
+class Scoring:
+    """A classify row's candidates, scored a piece at a time."""
+
+    request: ClassifyRow
+    cut: int = 0  # candidates given to pieces so far
+    scores: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.scores = [math.nan] * len(self.request.targets)
+
+    @property
+    def started(self) -> bool:
+        return self.cut > 0
+
+
+@dataclass(eq=False)
+class Beaming:
+    request: BeamRow
+    started: bool = False
+
+
+@dataclass(eq=False)
+class Embedding:
+    request: EmbedRow
+    started: bool = False
+
+
+Pending = Scoring | Beaming | Embedding
+
+
+@dataclass(frozen=True)
+class ScorePiece:
+    """Score candidates `[first, first + len(candidates))` of a classify row (`last`: its runner state may go)."""
+
+    request: ClassifyRow
+    first: int
+    count: int
+    last: bool
+
+    @property
+    def candidates(self) -> list[list[int]]:
+        return self.request.targets[self.first : self.first + self.count]
+
+
+@dataclass(frozen=True)
+class BeamPiece:
+    """One step of a beam row's search (its first includes its encoder pass)."""
+
+    request: BeamRow
+
+
+@dataclass(frozen=True)
+class EmbedPiece:
+    """An embed row's encoder pass (a row is never larger than a model call: it is not cut)."""
+
+    request: EmbedRow
+
+
+Piece = ScorePiece | BeamPiece | EmbedPiece
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    rows: int = 0
+    encoder_positions: int = 0
+    decoder_positions: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * (self.encoder_positions + self.decoder_positions)
 
 
 @dataclass
-class ActiveRow:
-    request: GenerateRow
-    choice: RowChoice
-    cost: int  # cached tokens it holds: prompt + input + max_new_tokens
-    last_token: int
-    generated: int = 0
-
-
-class Engine:
-    def __init__(self, model: FrozenT5, limits: EngineLimits, emit: Emit) -> None:
-        self.model = model
-        self.limits = limits
-        self._emit = emit
-        self.decoder = model.decoder
-        self.cache = self.decoder.new_cache()
-        self.chooser = TokenChooser(model.decodable_vocab, model.eos_token_id)
-        self.runner = BatchRunner(model)
-        self._inbox: queue.SimpleQueue[list[EngineRequest] | Cancel] = queue.SimpleQueue()
-        self._waiting: FairQueue[GenerateRow] = FairQueue()
-        self._classify: FairQueue[ClassifyRow] = FairQueue()
-        self._beams: FairQueue[BeamRow] = FairQueue()
-        self._active: list[ActiveRow] = []  # index == cache slot
-        self._cached_tokens = 0
-        self._known: set[int] = set()  # request ids in the engine (waiting, active, or queued for a call)
-        self._cancelled: set[int] = set()
-
-    # Thread-safe entry points.
-
-    def submit(self, requests: list[EngineRequest]) -> None:
-        """One inbox item: the loop takes a submission's rows together, so they join the same pass (an ensemble's
-        members share its encoder pass and decoder steps)."""
-        self._inbox.put(list(requests))
-
-    def cancel(self, request_ids: list[int]) -> None:
-        self._inbox.put(Cancel(list(request_ids)))
-
-    # The loop.
-
-    @torch.inference_mode()
-    def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            self._take_inbox(block=not self._has_work())
-            self._pass()
-        self._shut_down()
-
-    @torch.inference_mode()
-    def run_once(self) -> None:
-        """One pass of the loop without waiting (tests and benches drive the engine pass by pass)."""
-        self._take_inbox(block=False)
-        self._pass()
-
-    def _pass(self) -> None:
-        events: list[Event] = []
-        left: Counter[str] = Counter()
-        self._serve_classify(events)
-        self._serve_beams(events)
-        self._admit(events, left)
-        tasks = len({a.request.task for a in self._active})
-        seconds, stepped = self._step(events, left) if self._active else (0.0, 0)
-        if events or stepped:
-            self._emit(events, self._stats(seconds, stepped, left, tasks))
+class Plan:
+    leave: dict[int, FinishReason] = field(default_factory=dict)
+    free: list[int] = field(default_factory=list)  # rows that ended in the last pass: their places are freed
+    park: list[int] = field(default_factory=list)
+    drop: list[int] = field(default_factory=list)  # rows whose runner state (parked cache, encoder output) goes
+    join: list[GenerateRow] = field(default_factory=list)
+    resume: set[int] = field(default_factory=set)  # the joining rows that were parked
+    pieces: list[Piece] = field(default_factory=list)
+    cache: CacheShape = CacheShape()
+    step: list[int] = field(default_factory=list)  # the rows in the decoder step, by request id
+    budget_spent: int = 0
 
     @property
-    def idle(self) -> bool:
-        """Nothing queued, waiting or running."""
-        return self._inbox.empty() and not self._has_work()
+    def empty(self) -> bool:
+        return not (self.leave or self.free or self.park or self.drop or self.join or self.pieces or self.step)
 
-    def _has_work(self) -> bool:
-        return bool(self._active or self._waiting.size or self._classify.size or self._beams.size)
 
-    def _take_inbox(self, block: bool) -> None:
-        try:
-            item = self._inbox.get(timeout=IDLE_WAIT_S) if block else self._inbox.get_nowait()
-            while True:
-                self._take(item)
-                item = self._inbox.get_nowait()
-        except queue.Empty:
-            pass
+@dataclass
+class Outcome:
+    """What the runner did with a plan."""
 
-    def _take(self, item: list[EngineRequest] | Cancel) -> None:
-        if isinstance(item, Cancel):
-            self._cancelled.update(i for i in item.request_ids if i in self._known)
-            return
-        for request in item:
-            self._known.add(request.request_id)
-            if isinstance(request, GenerateRow):
-                self._waiting.put(request)
-            elif isinstance(request, ClassifyRow):
-                self._classify.put(request)
+    tokens: dict[int, int] = field(default_factory=dict)  # a stepped row's new token
+    logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)  # for the rows that asked
+    failed: dict[int, tuple[FailureCode, str]] = field(default_factory=dict)  # rows that could not be served
+    scores: dict[int, list[float]] = field(default_factory=dict)  # a score piece's scores
+    generated: dict[int, tuple[list[int], FinishReason]] = field(default_factory=dict)  # beam rows that ended
+    embeddings: dict[int, list[float]] = field(default_factory=dict)  # embed rows' vectors
+    step_seconds: float = 0.0
+
+
+class Budget:
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        self.spent = 0
+        self.items = 0
+
+    @property
+    def left(self) -> int:
+        return self.tokens - self.spent
+
+    def allows(self, cost: int) -> bool:
+        """The first item of a pass always runs; the others must fit."""
+        return self.items == 0 or self.spent + cost <= self.tokens
+
+    def charge(self, cost: int) -> None:
+        self.spent += cost
+        self.items += 1
+
+
+class Scheduler:
+    def __init__(self, limits: EngineLimits, eos_token_id: int) -> None:
+        self.limits = limits
+        self.eos_token_id = eos_token_id
+        self.waiting: TenantQueues[GenerateRow] = TenantQueues()
+        self.pending: TenantQueues[Pending] = TenantQueues()  # classify and beam rows with pieces to cut
+        self.items: dict[int, Pending] = {}  # every classify and beam row until its result (or failure)
+        self.sampled_beam: int | None = None  # the sampled beam row in progress
+        self.placed: dict[int, Placed] = {}  # by request id, in order of admission
+        self.generated: dict[int, int] = {}  # tokens each generate row has made (kept while it is parked)
+        self.parked: set[int] = set()
+        self.cancelled: set[int] = set()
+        self.cache = CacheShape()
+        self.ended: list[int] = []  # rows whose place the runner still holds (they ended in the last pass)
+        self.unsent: list[Event] = []  # events to send with the next pass: rows refused (or ended) before scheduling
+        self._seq = 0
+        self._passes = 0
+
+    # Requests in.
+
+    def add(self, requests: list[EngineRequest]) -> None:
+        for request in requests:
+            problem = self._too_large(request)
+            if problem is not None:
+                self.unsent.append(Failed(request.request_id, "invalid_input", problem))
+            elif isinstance(request, GenerateRow):
+                self.waiting.put(request.tenant, request)
+                self.generated[request.request_id] = 0
             else:
-                self._beams.put(request)
+                item = pending_item(request)
+                self.items[request.request_id] = item
+                self.pending.put(request.tenant, item)
 
-    def _forget(self, request_id: int) -> None:
-        self._known.discard(request_id)
-        self._cancelled.discard(request_id)
+    def _too_large(self, request: EngineRequest) -> str | None:
+        """The API refuses such rows before they get here; an engine client that did not is refused too."""
+        limit = self.limits.max_batch_tokens
+        work = request.row.num_tokens
+        if isinstance(request, ClassifyRow):
+            work += max(map(len, request.targets), default=0)
+        elif isinstance(request, BeamRow):
+            work *= request.num_beams
+        if work > limit:
+            return f"a row of {work} tokens of model work; the engine takes at most {limit}"
+        if (
+            isinstance(request, GenerateRow)
+            and request.row.num_tokens + request.max_new_tokens > self.limits.max_cached_tokens
+        ):
+            return f"a row that alone needs more than the row cache's {self.limits.max_cached_tokens} token positions"
+        return None
 
-    def _stats(self, seconds: float, stepped: int, left: Counter[str], tasks: int = 0) -> StepStats:
-        return StepStats(seconds, stepped, self._waiting.size, tasks, dict(left))
+    def cancel(self, request_ids: list[int]) -> None:
+        """Rows still here end at the next pass; ids of rows already gone are ignored."""
+        self.cancelled.update(r for r in request_ids if r in self.generated or r in self.items)
 
-    # Admission: waiting rows join the active set, encoded together.
+    @property
+    def has_work(self) -> bool:
+        return bool(self.placed or self.waiting.size or self.items or self.unsent)
 
-    def _admit(self, events: list[Event], left: Counter[str]) -> None:
-        joining: list[GenerateRow] = []
-        tokens = 0
-        now = time.monotonic()
-        while self._waiting.size and len(self._active) + len(joining) < self.limits.max_active_rows:
-            row = self._waiting.peek()
-            assert row is not None
-            ended = self._ended(row, now)
-            if ended is not None:
-                self._waiting.pop()
-                self._finish(row.request_id, ended, events, left)
-                continue
-            cost = row.row.num_tokens + row.max_new_tokens
-            holding = self._active or joining
-            if holding and self._cached_tokens + cost > self.limits.max_cached_tokens:
-                break  # waits for rows to leave; a row alone may always run
-            if joining and (
-                len(joining) >= self.limits.max_batch_size or tokens + row.row.num_tokens > self.limits.max_batch_tokens
-            ):
-                break
-            joining.append(self._waiting.pop())
-            tokens += row.row.num_tokens
-            self._cached_tokens += cost
-        if joining:
-            self._join(joining, events, left)
+    def places_by_tenant(self) -> Counter[str]:
+        return Counter(p.request.tenant for p in self.placed.values())
 
-    def _join(self, joining: list[GenerateRow], events: list[Event], left: Counter[str]) -> None:
-        try:
-            hidden, mask = self.model.encode([self._model_row(r.row) for r in joining])
-            self.decoder.join(self.cache, hidden, mask)
-        except Exception as error:  # out of memory, or a fault: these rows fail, the engine goes on
-            log.exception("encoder pass of %d rows failed", len(joining))
-            for row in joining:
-                self._cached_tokens -= row.row.num_tokens + row.max_new_tokens
-                self._fail(row.request_id, *_failure(error), events)
-                left["failed"] += 1
-            return
-        start = self.model.model.config.decoder_start_token_id
-        for row in joining:
-            choice = RowChoice(row.sampling, row_generator(row.sampling, self.model.device), row.ignore_eos)
-            self._active.append(ActiveRow(row, choice, row.row.num_tokens + row.max_new_tokens, start))
-            events.append(Joined(row.request_id))
+    # The plan.
 
-    def _model_row(self, row: RowInput) -> Row:
-        return Row(self.model.prompt_on_device(row.prompt), row.input_ids)
+    def schedule(self, now: float) -> Plan:
+        plan = Plan(free=self.ended)
+        self.ended = []
+        self._leave_ended(plan, now)
+        self._drop_ended_waiting(plan, now)
+        budget = Budget(self.limits.pass_budget_tokens)
+        self._passes += 1
+        if self._passes % 2:
+            self._admit(plan, budget)
+            self._cut_pieces(plan, budget)
+        else:
+            self._cut_pieces(plan, budget)
+            self._admit(plan, budget)
+        self.cache = self._shape_after(plan)
+        plan.cache = self.cache
+        plan.step = list(self.placed)
+        plan.budget_spent = budget.spent
+        return plan
 
-    # The decoder step.
+    def _leave_ended(self, plan: Plan, now: float) -> None:
+        for request_id, placed in list(self.placed.items()):
+            reason = self._ended(placed.request, now)
+            if reason is not None:
+                plan.leave[request_id] = reason
+                del self.placed[request_id]
 
-    def _step(self, events: list[Event], left: Counter[str]) -> tuple[float, int]:
-        now = time.monotonic()
-        gone = {}
-        for slot, active in enumerate(self._active):
-            ended = self._ended(active.request, now)
-            if ended is not None:
-                gone[slot] = ended
-        self._leave(gone, events, left)
-        if not self._active:
-            return 0.0, 0
-        started = time.perf_counter()
-        stepped = len(self._active)
-        try:
-            tokens = torch.tensor([a.last_token for a in self._active], device=self.model.device)
-            logits = self.decoder.step(self.cache, tokens)
-            chosen, broken = self.chooser.choose(logits, [a.choice for a in self._active])
-        except Exception as error:
-            log.exception("decoder step of %d rows failed", stepped)
-            for active in self._active:
-                self._fail(active.request.request_id, *_failure(error), events)
-            left["failed"] += stepped
-            self._reset()
-            return time.perf_counter() - started, stepped
-        seconds = time.perf_counter() - started
-        finished: dict[int, FinishReason] = {}
-        for slot, (active, token, bad) in enumerate(zip(self._active, chosen, broken, strict=True)):
-            if bad:
-                finished[slot] = "non_finite"
-                continue
-            active.last_token = token
-            active.generated += 1
-            events.append(Token(active.request.request_id, token))
-            if token == self.model.eos_token_id and not active.request.ignore_eos:
-                finished[slot] = "eos"
-            elif active.generated >= active.request.max_new_tokens:
-                finished[slot] = "length"
-        self._leave(finished, events, left)
-        return seconds, stepped
+    def _drop_ended_waiting(self, plan: Plan, now: float) -> None:
+        """Waiting rows that ended never reach the model; cancelled classify and beam rows end silently."""
+        for tenant, row in self.waiting:
+            reason = self._ended(row, now)
+            if reason is not None:
+                self.waiting.remove(tenant, row)
+                plan.leave[row.request_id] = reason
+                if row.request_id in self.parked:
+                    plan.drop.append(row.request_id)
+        for request_id, item in list(self.items.items()):
+            if request_id in self.cancelled:
+                if item.started:
+                    plan.drop.append(request_id)
+                self._drop_item(request_id)
+                self._forget(request_id)
 
     def _ended(self, row: GenerateRow, now: float) -> FinishReason | None:
-        if row.request_id in self._cancelled:
+        if row.request_id in self.cancelled:
             return "cancelled"
         if row.deadline is not None and now >= row.deadline:
             return "deadline"
         return None
 
-    def _leave(self, reasons: dict[int, FinishReason], events: list[Event], left: Counter[str]) -> None:
-        if not reasons:
-            return
-        for slot, reason in reasons.items():
-            active = self._active[slot]
-            self._cached_tokens -= active.cost
-            self._finish(active.request.request_id, reason, events, left)
-        order = self.cache.release(list(reasons))
-        self._active = [self._active[old] for old in order]
+    # Admission.
+
+    def _admit(self, plan: Plan, budget: Budget) -> None:
+        places = self.places_by_tenant()
+        joined = 0
+        while self.waiting.size and joined < self.limits.max_batch_size:
+            tenant = min(self.waiting.tenants(), key=lambda t: places[t])  # ties: round-robin order
+            row = self.waiting.head(tenant)
+            if len(self.placed) >= self.limits.max_active_rows and not self._park_for(tenant, places, plan):
+                return
+            resumed = row.request_id in self.parked
+            cost = 0 if resumed else row.row.num_tokens
+            if not budget.allows(cost) or not self._fits_cache(row):
+                return
+            budget.charge(cost)
+            self.waiting.pop(tenant)
+            self._place(row)
+            places[tenant] += 1
+            joined += 1
+            plan.join.append(row)
+            if resumed:
+                self.parked.discard(row.request_id)
+                plan.resume.add(row.request_id)
+
+    def _park_for(self, tenant: str, places: Counter[str], plan: Plan) -> bool:
+        """Frees a place for `tenant` from the tenant holding the most, when it holds at least two more."""
+        others = [t for t in places if t != tenant and places[t] > 0]
+        if not others:
+            return False
+        holder = max(others, key=lambda t: places[t])
+        if places[holder] < places[tenant] + 2:
+            return False
+        newest = max((p for p in self.placed.values() if p.request.tenant == holder), key=lambda p: p.seq)
+        request_id = newest.request.request_id
+        del self.placed[request_id]
+        places[holder] -= 1
+        self.parked.add(request_id)
+        plan.park.append(request_id)
+        self.waiting.put_front(holder, newest.request)
+        return True
+
+    def _place(self, row: GenerateRow) -> None:
+        self._seq += 1
+        self.placed[row.request_id] = Placed(row, self._seq)
+
+    def _fits_cache(self, row: GenerateRow) -> bool:
+        """A row alone may always run; with others, the rectangle the cache would hold must fit the budget."""
+        if not self.placed:
+            return True
+        needed = self._needed([p.request for p in self.placed.values()] + [row])
+        return needed.tokens <= self.limits.max_cached_tokens
+
+    @staticmethod
+    def _needed(rows: list[GenerateRow]) -> CacheShape:
+        """The least the cache must hold for these rows, each side rounded up by `cache_side`."""
+        if not rows:
+            return CacheShape()
+        return CacheShape(
+            cache_side(len(rows)),
+            cache_side(max(r.row.num_tokens for r in rows)),
+            cache_side(max(r.max_new_tokens for r in rows)),
+        )
+
+    def _shape_after(self, plan: Plan) -> CacheShape:
+        """The cache for the rows in place: as it is where that is large enough and not too large (no copy every
+        time a row joins or leaves), else the least it must be."""
+        needed = self._needed([p.request for p in self.placed.values()])
+        if not needed.rows:
+            return CacheShape()
+        kept = CacheShape(
+            *(
+                now if least <= now <= SHRINK_SLACK * least else least
+                for now, least in zip(
+                    (self.cache.rows, self.cache.encoder_positions, self.cache.decoder_positions),
+                    (needed.rows, needed.encoder_positions, needed.decoder_positions),
+                    strict=True,
+                )
+            )
+        )
+        return kept if kept.tokens <= max(self.limits.max_cached_tokens, needed.tokens) else needed
+
+    # Pieces.
+
+    def _cut_pieces(self, plan: Plan, budget: Budget) -> None:
+        """Round-robin over tenants, one piece per item per pass, until the budget is spent or nothing fits."""
+        cut: set[int] = set()
+        while True:
+            progressed = False
+            for tenant in self.pending.tenants():
+                for item in self.pending.items(tenant):
+                    if item.request.request_id in cut or not self._may_start(item):
+                        continue
+                    piece, cost = self._piece(item, budget)
+                    if piece is not None:
+                        budget.charge(cost)
+                        plan.pieces.append(piece)
+                        cut.add(item.request.request_id)
+                        self.pending.rotate(tenant)
+                        progressed = True
+                    break  # a tenant's items are cut in order: one per round
+            if not progressed:
+                return
+
+    def _may_start(self, item: Pending) -> bool:
+        """Sampled beam search draws from the process's random state, which two such rows in progress at once
+        would share: they run one at a time."""
+        if not (isinstance(item, Beaming) and item.request.do_sample):
+            return True
+        if self.sampled_beam in (None, item.request.request_id):
+            self.sampled_beam = item.request.request_id
+            return True
+        return False
+
+    def _piece(self, item: Pending, budget: Budget) -> tuple[Piece | None, int]:
+        request = item.request
+        encoder = 0 if item.started else request.row.num_tokens
+        if isinstance(item, Embedding):
+            if not budget.allows(encoder):
+                return None, 0
+            item.started = True
+            self.pending.remove(request.tenant, item)  # one piece: its vector is on its way
+            return EmbedPiece(request), encoder
+        if isinstance(item, Beaming):
+            cost = encoder + request.num_beams
+            if not budget.allows(cost):
+                return None, 0
+            item.started = True
+            return BeamPiece(request), cost
+        first = item.cut
+        count = longest = 0
+        for target in request.targets[first:]:  # as many candidates as the budget left holds, and at least one
+            longest_with = max(longest, len(target))
+            if count and encoder + (count + 1) * longest_with > budget.left:
+                break
+            count, longest = count + 1, longest_with
+        cost = encoder + count * longest
+        if not budget.allows(cost):
+            return None, 0
+        item.cut += count
+        last = item.cut == len(request.targets)
+        if last:
+            self.pending.remove(request.tenant, item)  # nothing left to cut; its scores are on their way
+        return ScorePiece(request, first, count, last), cost
+
+    # The pass's outputs.
+
+    def update(self, plan: Plan, outcome: Outcome) -> tuple[list[Event], StepStats]:
+        events, self.unsent = self.unsent, []
+        left: Counter[str] = Counter()
+        tasks = len({self.placed[r].request.task for r in plan.step})
+        for request_id, reason in plan.leave.items():
+            self._finish(request_id, reason, events, left)
+        events += [Joined(r.request_id) for r in plan.join if r.request_id not in plan.resume | outcome.failed.keys()]
+        for piece in plan.pieces:
+            if piece.request.request_id not in outcome.failed:
+                self._update_piece(piece, outcome, events)
+        for request_id in plan.step:
+            if request_id in outcome.tokens:
+                token = Token(request_id, outcome.tokens[request_id])
+                if request_id in outcome.logprobs:
+                    given = outcome.logprobs[request_id]
+                    token = Token(request_id, token.token_id, given.logprob, given.top_ids, given.top_logprobs)
+                self._update_row(token, events, left)
+        for request_id, (code, message) in outcome.failed.items():
+            if self.placed.pop(request_id, None) is not None:
+                self.ended.append(request_id)
+                left["failed"] += 1
+            self._drop_item(request_id)
+            events.append(Failed(request_id, code, message))
+            self._forget(request_id)
+        stats = StepStats(
+            step_seconds=outcome.step_seconds,
+            active_rows=len(plan.step),
+            waiting_rows=self.waiting.size,
+            tasks=tasks,
+            left=dict(left),
+            placed_rows=len(self.placed),
+            pending_rows=len(self.items),
+            cache_tokens=self.cache.tokens,
+            budget_spent=plan.budget_spent,
+        )
+        return events, stats
+
+    def _update_row(self, token: Token, events: list[Event], left: Counter[str]) -> None:
+        request_id = token.request_id
+        placed = self.placed[request_id]
+        self.generated[request_id] += 1
+        events.append(token)
+        reason: FinishReason | None = None
+        if token.token_id == self.eos_token_id and not placed.request.ignore_eos:
+            reason = "eos"
+        elif self.generated[request_id] >= placed.request.max_new_tokens:
+            reason = "length"
+        if reason is not None:
+            del self.placed[request_id]
+            self.ended.append(request_id)
+            self._finish(request_id, reason, events, left)
+
+    def _update_piece(self, piece: Piece, outcome: Outcome, events: list[Event]) -> None:
+        request_id = piece.request.request_id
+        item = self.items.get(request_id)
+        if isinstance(piece, ScorePiece) and isinstance(item, Scoring):
+            item.scores[piece.first : piece.first + piece.count] = outcome.scores[request_id]
+            if piece.last:
+                events.append(Scores(request_id, item.scores))
+                self._drop_item(request_id)
+        elif request_id in outcome.generated:
+            tokens, reason = outcome.generated[request_id]
+            events.append(Generated(request_id, tokens, reason))
+            self._drop_item(request_id)
+        elif request_id in outcome.embeddings:
+            events.append(Embedded(request_id, outcome.embeddings[request_id]))
+            self._drop_item(request_id)
+
+    def _drop_item(self, request_id: int) -> None:
+        """A classify or beam row is done (or failed): out of the queues."""
+        item = self.items.pop(request_id, None)
+        if item is not None and any(other is item for other in self.pending.items(item.request.tenant)):
+            self.pending.remove(item.request.tenant, item)
+        if self.sampled_beam == request_id:
+            self.sampled_beam = None
 
     def _finish(self, request_id: int, reason: FinishReason, events: list[Event], left: Counter[str]) -> None:
         events.append(Finished(request_id, reason))
         left[reason] += 1
         self._forget(request_id)
 
-    def _fail(self, request_id: int, code: FailureCode, message: str, events: list[Event]) -> None:
-        events.append(Failed(request_id, code, message))
-        self._forget(request_id)
+    def _forget(self, request_id: int) -> None:
+        self.generated.pop(request_id, None)
+        self.cancelled.discard(request_id)
+        self.parked.discard(request_id)
 
-    def _reset(self) -> None:
-        """After a failed step: every active row has been failed; start from an empty cache."""
-        self._active = []
-        self._cached_tokens = 0
-        self.cache = self.decoder.new_cache()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    # The end.
 
-    # Classify and beam rows: whole calls between steps, through the static path's batch runner.
-
-    def _serve_classify(self, events: list[Event]) -> None:
-        if self._classify.size:
-            rows = list(self._classify.drain())
-            works = [ClassifyWork(self._model_row(r.row), (r.tenant, ""), r.targets) for r in rows]
-            self._run_calls(rows, works, events)
-
-    def _serve_beams(self, events: list[Event]) -> None:
-        if self._beams.size:
-            rows = list(self._beams.drain())
-            works = [GenerateWork(self._model_row(r.row), (r.tenant, ""), _decoding(r), r.max_new_tokens) for r in rows]
-            self._run_calls(rows, works, events)
-
-    def _run_calls(self, rows: list[ClassifyRow] | list[BeamRow], works: list[AnyWork], events: list[Event]) -> None:
-        """Runs the rows in calls of at most `max_batch_size` rows and `max_batch_tokens` tokens; rows cancelled
-        meanwhile are skipped."""
-        for start, end in _chunks([w.cost for w in works], self.limits.max_batch_size, self.limits.max_batch_tokens):
-            for row, work in zip(rows[start:end], works[start:end], strict=True):
-                if row.request_id in self._cancelled:
-                    work.row.abandoned.set()
-            results = self.runner(works[start:end])
-            for row, result in zip(rows[start:end], results, strict=True):
-                if isinstance(result, ClientDisconnected):
-                    self._forget(row.request_id)
-                elif isinstance(result, Exception):
-                    self._fail(row.request_id, *_failure(result), events)
-                elif isinstance(row, ClassifyRow):
-                    events.append(Scores(row.request_id, list(result)))
-                    self._forget(row.request_id)
-                else:
-                    events.append(Generated(row.request_id, result.token_ids, result.finish_reason))
-                    self._forget(row.request_id)
-
-    def _shut_down(self) -> None:
-        """The loop stopped: every row still here ends (`shutdown`), so no caller waits forever."""
-        self._take_inbox(block=False)
-        events: list[Event] = []
+    def shut_down(self) -> tuple[list[Event], StepStats]:
+        """Every row still here ends (`shutdown`; classify and beam rows fail), so no caller waits forever."""
+        events, self.unsent = self.unsent, []
         left: Counter[str] = Counter()
-        for active in self._active:
-            self._finish(active.request.request_id, "shutdown", events, left)
-        for row in self._waiting.drain():
+        for request_id in list(self.placed):
+            self._finish(request_id, "shutdown", events, left)
+        for _, row in self.waiting:
             self._finish(row.request_id, "shutdown", events, left)
-        for other in [*self._classify.drain(), *self._beams.drain()]:
-            self._fail(other.request_id, "overloaded", "the engine is shutting down", events)
-        self._active = []
-        if events:
-            self._emit(events, self._stats(0.0, 0, left))
+        for request_id in self.items:
+            events.append(Failed(request_id, "overloaded", "the engine is shutting down"))
+        self.placed.clear()
+        self.items.clear()
+        self.waiting = TenantQueues()
+        self.pending = TenantQueues()
+        return events, StepStats(left=dict(left))
 
 
-def _decoding(row: BeamRow) -> Decoding:
-    return Decoding(
-        do_sample=row.do_sample,
-        num_beams=row.num_beams,
-        temperature=row.temperature,
-        top_p=row.top_p,
-        seed=row.seed,
-        ignore_eos=row.ignore_eos,
-    )
+def pending_item(request: ClassifyRow | BeamRow | EmbedRow) -> Pending:
+    if isinstance(request, ClassifyRow):
+        return Scoring(request)
+    if isinstance(request, BeamRow):
+        return Beaming(request)
+    return Embedding(request)
 
 
-def _chunks(costs: list[int], max_rows: int, max_tokens: int) -> Iterator[tuple[int, int]]:
-    start, tokens = 0, 0
-    for i, cost in enumerate(costs):
-        if i > start and (i - start >= max_rows or tokens + cost > max_tokens):
-            yield start, i
-            start, tokens = i, 0
-        tokens += cost
-    if start < len(costs):
-        yield start, len(costs)
-
-
-def _failure(error: Exception) -> tuple[FailureCode, str]:
-    if isinstance(error, NonFiniteScores):
-        return "non_finite", str(error)
-    if isinstance(error, (Overloaded, torch.cuda.OutOfMemoryError)):
-        return "overloaded", "the model ran out of device memory for this request; retry with fewer or shorter inputs"
-    return "inference_failed", f"inference failed: {type(error).__name__}"
+def cache_side(needed: int) -> int:
+    """`needed` rounded up to a size with at most three significant bits (at most 25% more): sides change in
+    steps, so the cache is not copied every time a row joins or leaves."""
+    if needed <= 4:
+        return needed
+    step = 1 << (needed.bit_length() - 3)
+    return -(-needed // step) * step

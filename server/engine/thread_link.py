@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from server.engine.engine import Engine
+from server.engine.limits import EngineLimits
 from server.engine.link import Deliver, Down, Up
 from server.engine.protocol import EngineRequest, Event, StepStats
-from server.engine.scheduler import Engine, EngineLimits
 from server.serving.model import FrozenT5
 
 

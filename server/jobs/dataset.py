@@ -25,6 +25,7 @@ from prompt_store.records import text_problem
 from server import strict_json
 from server.jobs.errors import InvalidDataset
 from server.serving.model import FrozenT5
+from server.serving.schemas import MAX_TEXT_CHARS
 from server.training import TrainingExample
 
 FIELDS = ("input", "target")
@@ -117,6 +118,8 @@ def _example(item: Any, place: str, problems: _Problems) -> TrainingExample | No
         return None
     for name in FIELDS:
         problem = text_problem(item[name])
+        if len(item[name]) > MAX_TEXT_CHARS:
+            problem = f"has {len(item[name])} characters; at most {MAX_TEXT_CHARS} are accepted"
         if problem:
             problems.add(f"{place}: the {name} {problem}")
             return None

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from prompt_store import TASK_ID_PATTERN
 from server.jobs.records import HistoryEntry, JobProgress, JobRecord, JobState
 from server.registry.schemas import iso
+from server.serving.schemas import MAX_TEXT_CHARS
 from server.training import TrainingConfig
 
 
@@ -21,12 +22,14 @@ class JobOptions(BaseModel):
 
 
 class ExampleBody(BaseModel):
-    input: str
-    target: str = Field(min_length=1)
+    input: str = Field(max_length=MAX_TEXT_CHARS)
+    target: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
 
 
 class TrainingJobRequest(JobOptions):
-    """The JSON body (documentation: the examples are checked one by one so errors can name the item)."""
+    """The JSON body (documentation: the examples are checked one by one so errors can name the item). Its size
+    and values are bounded like every JSON body's (`max_json_body_bytes`, `max_json_values`): a larger training
+    set goes as a multipart form of JSONL files."""
 
     train: list[ExampleBody] = Field(min_length=1)
     eval: list[ExampleBody] | None = None

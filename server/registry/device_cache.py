@@ -1,6 +1,7 @@
 """Device-side prompt cache: LRU by bytes, keyed by content so a stale copy is never served.
 
-Pinned entries (the `preload_tasks` setting) count toward the budget but are never evicted.
+Pinned entries (the `preload_tasks` setting, and tasks pinned through the API) count toward the budget but are
+never evicted. Each lookup is counted by tier: a device hit or miss (`softserve_prompt_lookups_total`).
 """
 
 from __future__ import annotations
@@ -28,12 +29,19 @@ class DevicePromptCache:
     def pinned_bytes(self) -> int:
         return sum(_size(self._entries[key]) for key in self._pinned)
 
+    def is_pinned(self, key: Hashable) -> bool:
+        return key in self._pinned
+
+    def size_of(self, key: Hashable) -> int:
+        return _size(self._entries[key])
+
     def get(self, key: Hashable) -> torch.Tensor | None:
         tensor = self._entries.get(key)
         if tensor is not None:
             self._entries.move_to_end(key)
         if self._metrics is not None:
             (self._metrics.cache_hits if tensor is not None else self._metrics.cache_misses).inc()
+            self._metrics.prompt_lookups.labels(tier="device", result="hit" if tensor is not None else "miss").inc()
         return tensor
 
     def put(self, key: Hashable, tensor: torch.Tensor, pinned: bool = False) -> None:
@@ -58,6 +66,11 @@ class DevicePromptCache:
             evicted += 1
         self._report(evicted)
 
+    def unpin(self, predicate: Callable[[Hashable], bool]) -> None:
+        """Makes the matching entries evictable again (they stay until the budget needs their room)."""
+        self._pinned = {key for key in self._pinned if not predicate(key)}
+        self._report(0)
+
     def discard(self, predicate: Callable[[Hashable], bool]) -> None:
         for key in [k for k in self._entries if predicate(k)]:
             self._bytes -= _size(self._entries.pop(key))
@@ -70,6 +83,7 @@ class DevicePromptCache:
                 self._metrics.cache_evictions.inc(evicted)
             self._metrics.cache_bytes.set(self._bytes)
             self._metrics.cache_prompts.set(len(self._entries))
+            self._metrics.cache_pinned.set(len(self._pinned))
 
 
 def _size(tensor: torch.Tensor) -> int:

@@ -9,7 +9,10 @@ from pydantic import BaseModel, Field, field_validator
 
 from prompt_store import TaskMetadata, TaskRecord, VersionInfo
 from prompt_store.records import INPUT_PLACEHOLDER, MAX_ENSEMBLE_SIZE, Utf8Text
-from server.serving.schemas import MAX_LABELS, GenerateParameters, StrictModel
+from server.serving.schemas import MAX_LABELS, MAX_TEXT_CHARS, GenerateParameters, StrictModel
+
+MAX_DESCRIPTION_CHARS = 10_000
+Label = Annotated[Utf8Text, Field(max_length=MAX_TEXT_CHARS)]
 
 
 class UploadMetadata(StrictModel):
@@ -17,9 +20,11 @@ class UploadMetadata(StrictModel):
     `true` no number), finite numbers, and nothing serving would refuse later that can be told without the
     server's settings; and whether to activate the new version."""
 
-    labels: list[Utf8Text] | None = Field(None, min_length=1, max_length=MAX_LABELS)
-    description: Utf8Text | None = None
-    input_template: Utf8Text | None = None
+    labels: list[Label] | None = Field(None, min_length=1, max_length=MAX_LABELS)
+    description: Utf8Text | None = Field(None, max_length=MAX_DESCRIPTION_CHARS)
+    input_template: Utf8Text | None = Field(
+        None, max_length=MAX_TEXT_CHARS, description="`max_template_chars` applies below this ceiling"
+    )
     parameters: GenerateParameters | None = None
     activate: bool = True
 
@@ -103,9 +108,11 @@ class PromptSummary(BaseModel):
     length: int | None
     labels: list[str] | None
     updated_at: str
+    loaded: bool = Field(description="the active prompt is in this replica's device cache now")
+    pinned: bool = Field(description="never evicted, on every replica (`PUT /v1/prompts/{task_id}/pin`)")
 
     @classmethod
-    def of(cls, record: TaskRecord) -> PromptSummary:
+    def of(cls, record: TaskRecord, loaded: bool, pinned: bool) -> PromptSummary:
         active = record.version_info(record.active_version) if record.active_version else None
         return cls(
             task_id=record.task_id,
@@ -114,11 +121,17 @@ class PromptSummary(BaseModel):
             length=active.length if active else None,
             labels=record.metadata.labels,
             updated_at=iso(record.updated_at),
+            loaded=loaded,
+            pinned=pinned,
         )
 
 
 class PromptList(BaseModel):
+    """One page of the tenant's tasks, by task id; `next_cursor` asks for the next page (null: this is the last)."""
+
     prompts: list[PromptSummary]
+    has_more: bool = False
+    next_cursor: str | None = None
 
 
 class NearToken(BaseModel):
@@ -150,6 +163,7 @@ class SimilarTasks(BaseModel):
     task_id: str
     version: int
     similar: list[SimilarTask]  # most similar first
+    compared: int  # the caller's tasks it was compared with (same d_model, with an active version)
 
 
 class TaskView(BaseModel):

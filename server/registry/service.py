@@ -1,5 +1,5 @@
 """`PromptService`: what the prompt routes do besides HTTP: upload, list, read, download, activate, ensemble,
-delete.
+pin, delete.
 
 Everything a task will need to be served is checked at upload, cheapest first, so that a task that is
 accepted can be used: the metadata (strict JSON and types, then the server's limits on templates,
@@ -30,10 +30,11 @@ from prompt_store import (
 from prompt_store.formats import ReadLimits
 from prompt_store.records import INPUT_PLACEHOLDER
 from server import strict_json
-from server.errors import InvalidInput
-from server.registry.explain import PromptExplainer
+from server.errors import InvalidInput, RateLimited
+from server.registry.explain import TASK_EMBEDDINGS_PER_TENANT, PromptExplainer
+from server.registry.listing import TaskPage
 from server.registry.registry import PromptRegistry
-from server.registry.schemas import UploadMetadata
+from server.registry.schemas import PromptSummary, UploadMetadata
 from server.serving.batch_runner import ClassifyWork, GenerateWork
 from server.serving.limits import ServingLimits
 from server.serving.model import Decoding, FrozenT5, Row
@@ -41,6 +42,7 @@ from server.tenancy.quotas import TaskQuota
 
 UPLOAD_READERS = 2
 INVALID = "metadata is invalid: "
+PIN_RETRY_AFTER_S = 60
 
 
 class PromptService:
@@ -51,12 +53,17 @@ class PromptService:
         limits: ServingLimits,
         quota: TaskQuota,
         readers: int = UPLOAD_READERS,
+        embeddings_per_tenant: int = TASK_EMBEDDINGS_PER_TENANT,
+        max_pinned: int = 0,
     ) -> None:
+        """`max_pinned`: tasks a tenant may pin (0: no limit but the prompt cache's budget)."""
         self.model = model
+        self.max_pinned = max_pinned
         self.registry = registry
         self.limits = limits
         self.quota = quota
-        self.explain = PromptExplainer(model, registry)  # nearest tokens, similar tasks
+        # nearest tokens, similar tasks
+        self.explain = PromptExplainer(model, registry, embeddings_per_tenant=embeddings_per_tenant)
         self.read_limits = ReadLimits(max_rows=limits.max_prompt_length, d_model=model.d_model)
         self._readers = asyncio.Semaphore(readers)
 
@@ -88,11 +95,16 @@ class PromptService:
             tenant, task_id, prompt, new_metadata, metadata.activate, self.model.model_id
         )
 
-    async def list_tasks(self, tenant: str) -> list[TaskRecord]:
-        return await self.registry.list_tasks(tenant)
+    async def task_page(self, tenant: str, cursor: str | None, limit: int) -> TaskPage:
+        return await self.registry.task_page(tenant, cursor, limit)
 
     async def task(self, tenant: str, task_id: str) -> TaskRecord:
         return await self.registry.task(tenant, task_id)
+
+    def summary(self, record: TaskRecord) -> PromptSummary:
+        """The task's listing entry, with its residency on this replica."""
+        pinned = self.registry.is_pinned(record.tenant, record.task_id)
+        return PromptSummary.of(record, loaded=self.registry.is_loaded(record), pinned=pinned)
 
     async def download(self, tenant: str, task_id: str, version: int, format: PromptFormat) -> bytes:
         """The version's prompt as a file of `format` (written in a worker thread)."""
@@ -116,6 +128,34 @@ class PromptService:
 
     async def delete(self, tenant: str, task_id: str) -> None:
         await self.registry.delete(tenant, task_id)
+
+    async def pin(self, tenant: str, task_id: str) -> PromptSummary:
+        """Pins the task's active prompt on every replica: within the tenant's pin quota (429), and only if it fits
+        in the cache's budget beside the prompts pinned already (422: it could never be held)."""
+        await self.registry.task(tenant, task_id)  # a task that does not exist is 404, whatever the quota
+        await self.registry.refresh_pins()  # the quota counts pins made on other replicas too
+        if not self.registry.is_pinned(tenant, task_id):
+            pinned = self.registry.pinned_count(tenant)
+            if self.max_pinned and pinned >= self.max_pinned:
+                raise RateLimited(
+                    f"this tenant's quota of {self.max_pinned} pinned tasks is used; unpin a task first",
+                    retry_after_s=PIN_RETRY_AFTER_S,
+                )
+        size, room = await self.registry.pin_cost(tenant, task_id)
+        if size > room:
+            raise InvalidInput(
+                f"the prompt of {task_id!r} takes {size} bytes on the device; the prompt cache has {room} bytes "
+                f"left beside the prompts pinned already (prompt_cache_mb: {self.registry.cache_budget} bytes)"
+            )
+        await self.registry.pin(tenant, task_id)
+        return self.summary(await self.registry.task(tenant, task_id))
+
+    async def unpin(self, tenant: str, task_id: str) -> PromptSummary:
+        record = await self.registry.task(tenant, task_id)  # 404 for a task that does not exist
+        if (tenant, task_id) in self.registry.configured_pins:
+            raise InvalidInput(f"{task_id!r} is pinned by this server's preload_tasks setting; change it there")
+        await self.registry.unpin(tenant, task_id)
+        return self.summary(record)
 
     async def _current_metadata(self, tenant: str, task_id: str) -> TaskMetadata:
         try:

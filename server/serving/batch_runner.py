@@ -44,6 +44,15 @@ class Work(ABC, Generic[R]):
     def cost(self) -> int:
         """Tokens the row adds to a model call (what `max_batch_tokens` counts)."""
 
+    @property
+    def reserved_tokens(self) -> int:
+        """Tokens the row may yet generate, reserved on its tenant's bill when it is admitted (see `unused`)."""
+        return 0
+
+    def unused_tokens(self, result: R) -> int:
+        """What the row did not use of `reserved_tokens`: refunded when it ends."""
+        return 0
+
     @abstractmethod
     def group_key(self, index: int) -> Hashable:
         """Works with equal keys share one model call; `index` (the row's place in the batch) makes a key unique."""
@@ -59,11 +68,20 @@ class GenerateWork(Work[Generation]):
     task: TaskKey
     decoding: Decoding
     max_new_tokens: int
+    compile_tokens: int = 0  # what compiling the request's grammar cost, charged with its first row
 
     @property
     def cost(self) -> int:
         """Every beam carries the row's encoder output."""
         return self.row.num_tokens * self.decoding.num_beams
+
+    @property
+    def reserved_tokens(self) -> int:
+        """Every beam may make every new token."""
+        return self.max_new_tokens * self.decoding.num_beams + self.compile_tokens
+
+    def unused_tokens(self, result: Generation) -> int:
+        return max(0, self.max_new_tokens - len(result.token_ids)) * self.decoding.num_beams
 
     def group_key(self, index: int) -> Hashable:
         decoding = self.decoding
@@ -101,6 +119,24 @@ class ClassifyWork(Work[list[float]]):
     def run_group(cls, model: FrozenT5, works: Sequence[Self]) -> list[list[float] | Exception]:
         scores = model.score([work.row for work in works], [work.targets for work in works])
         return [s if all(map(math.isfinite, s)) else non_finite_error() for s in scores]
+
+
+@dataclass(frozen=True)
+class EmbedWork(Work[list[float]]):
+    row: Row
+    task: TaskKey
+
+    @property
+    def cost(self) -> int:
+        return self.row.num_tokens
+
+    def group_key(self, index: int) -> Hashable:
+        return ("embed",)  # one encoder pass for every embed row
+
+    @classmethod
+    def run_group(cls, model: FrozenT5, works: Sequence[Self]) -> list[list[float] | Exception]:
+        vectors = model.embed([work.row for work in works])
+        return [v.tolist() if bool(v.isfinite().all()) else non_finite_error() for v in vectors]
 
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,8 @@ row's logits match `model.generate` within rounding and its greedy tokens are th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from transformers import T5ForConditionalGeneration
@@ -53,8 +55,8 @@ class RowCache:
         new_encoder = max(encoder_positions, encoder_now)
         self.self_kv = self._regrown(self.self_kv, new_rows, new_positions)
         self.cross_kv = self._regrown(self.cross_kv, new_rows, new_encoder)
-        self.lengths = _grown_vector(self.lengths, new_rows)
-        self.encoder_lengths = _grown_vector(self.encoder_lengths, new_rows)
+        self.lengths = _resized_vector(self.lengths, new_rows)
+        self.encoder_lengths = _resized_vector(self.encoder_lengths, new_rows)
 
     def _regrown(self, buffer: torch.Tensor, rows: int, positions: int) -> torch.Tensor:
         if buffer.shape[2] == rows and buffer.shape[4] == positions:
@@ -62,6 +64,45 @@ class RowCache:
         grown = self._empty(rows, positions)
         grown[:, :, : self.n, :, : buffer.shape[4]] = buffer[:, :, : self.n]
         return grown
+
+    def resize(self, rows: int, encoder_positions: int, positions: int) -> None:
+        """Exactly this much room (the engine's scheduler decides the shape, and charges it): larger or smaller, the
+        rows in place and what they hold are kept."""
+        if (rows, positions, encoder_positions) == (self.capacity, self.self_kv.shape[4], self.cross_kv.shape[4]):
+            return
+        assert rows >= self.n, "the cache cannot drop rows in place"
+        self.self_kv = self._copied_into(self.self_kv, self._empty(rows, positions))
+        self.cross_kv = self._copied_into(self.cross_kv, self._empty(rows, encoder_positions))
+        self.lengths = _resized_vector(self.lengths, rows)
+        self.encoder_lengths = _resized_vector(self.encoder_lengths, rows)
+
+    def _copied_into(self, buffer: torch.Tensor, resized: torch.Tensor) -> torch.Tensor:
+        positions = min(buffer.shape[4], resized.shape[4])
+        resized[:, :, : self.n, :, :positions] = buffer[:, :, : self.n, :, :positions]
+        return resized
+
+    @property
+    def allocated_positions(self) -> int:
+        """Token positions the buffers hold room for: rows x (encoder positions + decoder positions)."""
+        return self.capacity * (self.self_kv.shape[4] + self.cross_kv.shape[4])
+
+    def export_row(self, slot: int) -> RowState:
+        """A copy of what one slot holds (a parked row), exactly."""
+        length, encoder_length = int(self.lengths[slot]), int(self.encoder_lengths[slot])
+        return RowState(
+            self.self_kv[:, :, slot, :, :length].clone(), self.cross_kv[:, :, slot, :, :encoder_length].clone()
+        )
+
+    def import_row(self, state: RowState) -> int:
+        """Puts a parked row back, in the next free slot (the cache must have room for it); returns the slot."""
+        slot = self.n
+        length, encoder_length = state.self_kv.shape[3], state.cross_kv.shape[3]
+        self.reserve(slot + 1, max(self.self_kv.shape[4], length + 1), max(self.cross_kv.shape[4], encoder_length))
+        self.self_kv[:, :, slot, :, :length] = state.self_kv
+        self.cross_kv[:, :, slot, :, :encoder_length] = state.cross_kv
+        self.lengths[slot], self.encoder_lengths[slot] = length, encoder_length
+        self.n = slot + 1
+        return slot
 
     def release(self, slots: list[int]) -> list[int]:
         """Frees `slots` and packs the survivors into `0..n-1`: rows from the tail move into the holes.
@@ -87,10 +128,20 @@ class RowCache:
         return order
 
 
-def _grown_vector(vector: torch.Tensor, rows: int) -> torch.Tensor:
-    grown = torch.zeros(rows, dtype=vector.dtype, device=vector.device)
-    grown[: vector.shape[0]] = vector
-    return grown
+def _resized_vector(vector: torch.Tensor, rows: int) -> torch.Tensor:
+    resized = torch.zeros(rows, dtype=vector.dtype, device=vector.device)
+    kept = min(rows, vector.shape[0])
+    resized[:kept] = vector[:kept]
+    return resized
+
+
+@dataclass(frozen=True)
+class RowState:
+    """One row's decoder state outside the cache: self-attention keys and values `[layers, 2, heads, length,
+    head_dim]` and cross-attention keys and values `[layers, 2, heads, encoder length, head_dim]`."""
+
+    self_kv: torch.Tensor
+    cross_kv: torch.Tensor
 
 
 class LeanDecoder:

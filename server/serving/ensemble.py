@@ -13,7 +13,8 @@ combines them:
 - generate: the text most members gave wins (`votes`). A tie is broken by each tied text's log-probability
   summed over every member: each candidate's tokens (those its first voter generated, end-of-sequence included
   when it ended the text) are scored teacher-forced, as classify scores a label, exactly, in a second
-  submission (`tie_scores`). Equal sums keep the text whose first voter comes first in the ensemble.
+  submission (`tie_scores`), checked and charged as the first was (its worst size is checked before the
+  first runs). Equal sums keep the text whose first voter comes first in the ensemble.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import asyncio
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from server.errors import InvalidInput
-from server.registry.registry import ResolvedPrompt
+from server.registry.registry import PromptRegistry, ResolvedPrompt
 from server.serving.batch_runner import AnyWork, ClassifyWork, GenerateWork
+from server.serving.executor import ClientGone, Executor
+from server.serving.limits import ServingLimits
 from server.serving.model import Generation, Row
 from server.serving.ranking import classify_output, label_scores
 from server.serving.schemas import (
@@ -40,29 +43,54 @@ from server.serving.schemas import (
     MemberGeneration,
 )
 
-if TYPE_CHECKING:
-    from server.serving.service import ClientGone, InferenceService
-
 W = TypeVar("W", bound=AnyWork)
 RequestT = TypeVar("RequestT", GenerateRequest, ClassifyRequest)
+
+
+class MemberRows(Protocol):
+    """What an ensemble needs of the inference service (`InferenceService` is one): its checks, its rows built
+    exactly as for a single-prompt request, and their model calls."""
+
+    registry: PromptRegistry
+    executor: Executor
+    limits: ServingLimits
+
+    def deadline(self) -> float: ...
+
+    def admissible_texts(self, inputs: str | list[str]) -> list[str]: ...
+
+    async def generate_works(
+        self, tenant: str, request: GenerateRequest
+    ) -> tuple[ResolvedPrompt, list[GenerateWork]]: ...
+
+    async def classify_works(
+        self, tenant: str, request: ClassifyRequest
+    ) -> tuple[ResolvedPrompt, list[str], list[ClassifyWork]]: ...
+
+    async def run_rows(
+        self, works: Sequence[W], tenant: str, client_gone: ClientGone | None, deadline: float | None = None
+    ) -> list[Any]: ...
 
 
 class EnsembleInference:
     """The ensemble side of an `InferenceService`: its checks, rows and model calls, for every member at once."""
 
-    def __init__(self, service: InferenceService) -> None:
+    def __init__(self, service: MemberRows) -> None:
         self.service = service
 
     async def generate(
         self, tenant: str, request: GenerateRequest, client_gone: ClientGone | None = None
     ) -> GenerateResponse:
         service = self.service
-        deadline = service._deadline()
+        deadline = service.deadline()
+        if request.parameters is not None and (request.parameters.logprobs is not None or request.parameters.n > 1):
+            raise InvalidInput("an ensemble's text is chosen by vote: one output per input, with no log-probabilities")
         versions = await self._versions(tenant, request)
-        first, works = await service._generate_works(tenant, as_member(request, versions[0]))
+        first, works = await service.generate_works(tenant, as_member(request, versions[0]))
         members = await self._members(tenant, request.task_id, first, versions)
+        self._check_tie_break_fits(works, len(members))
         rows = for_members(works, members)
-        generations = await service._run(rows, tenant, client_gone)
+        generations = await service.run_rows(rows, tenant, client_gone)
         per_input = [generations[i : i + len(members)] for i in range(0, len(generations), len(members))]
         tie_scores = await self._break_ties(tenant, works, members, per_input, client_gone, deadline)
         outputs = [vote_output(versions, gens, scores) for gens, scores in zip(per_input, tie_scores, strict=True)]
@@ -75,9 +103,9 @@ class EnsembleInference:
     ) -> ClassifyResponse:
         service = self.service
         versions = await self._versions(tenant, request)
-        first, labels, works = await service._classify_works(tenant, as_member(request, versions[0]))
+        first, labels, works = await service.classify_works(tenant, as_member(request, versions[0]))
         members = await self._members(tenant, request.task_id, first, versions)
-        results = await service._run(for_members(works, members), tenant, client_gone)
+        results = await service.run_rows(for_members(works, members), tenant, client_gone)
         scores = label_scores(results, works[0].targets, request.length_normalize)
         outputs = [
             averaged_output(labels, versions, scores[i : i + len(members)]) for i in range(0, len(scores), len(members))
@@ -88,7 +116,7 @@ class EnsembleInference:
 
     async def _versions(self, tenant: str, request: GenerateRequest | ClassifyRequest) -> list[int]:
         """The task's ensemble, once the request alone is known to be servable and its rows fit the queue."""
-        texts = self.service._admissible_texts(request.inputs)
+        texts = self.service.admissible_texts(request.inputs)
         record = await self.service.registry.task(tenant, request.task_id)
         if not record.ensemble:
             raise InvalidInput(
@@ -103,6 +131,19 @@ class EnsembleInference:
         """The first member's prompt came with its rows; the others load at the same time."""
         others = await asyncio.gather(*(self.service.registry.resolve(tenant, task_id, v) for v in versions[1:]))
         return [first, *others]
+
+    def _check_tie_break_fits(self, works: Sequence[GenerateWork], members: int) -> None:
+        """A tie-break scores up to one candidate per member, each as long as `max_new_tokens` and its end, on
+        every member's row: refused before anything runs if such a row could not fit one model call."""
+        limit = self.service.limits.max_batch_tokens
+        for i, work in enumerate(works):
+            worst = work.row.num_tokens + members * (work.max_new_tokens + 1)
+            if worst > limit:
+                raise InvalidInput(
+                    f"input {i} of this ensemble of {members} could need a tie-break of {worst} tokens in one model "
+                    f"call (prompt + input + members * (max_new_tokens + 1)); the limit is {limit}: use fewer "
+                    "max_new_tokens, a shorter input or a smaller ensemble"
+                )
 
     async def _break_ties(
         self,
@@ -122,7 +163,7 @@ class EnsembleInference:
             for i, cands in tied.items()
             for member in members
         ]
-        scores = await self.service._run(scoring, tenant, client_gone, deadline)
+        scores = await self.service.run_rows(scoring, tenant, client_gone, deadline)
         summed: list[dict[str, float] | None] = [None] * len(per_input)
         for n, (i, candidates) in enumerate(tied.items()):
             by_member = scores[n * len(members) : (n + 1) * len(members)]

@@ -4,12 +4,14 @@ call per batch) and the continuous engine (`server.engine.executor.EngineExecuto
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from server.errors import Overloaded
 from server.serving.batch_runner import AnyWork, WorkResult
 from server.serving.batcher import TenantFairBatcher
+
+ClientGone = Callable[[], Awaitable[None]]  # returns once the request's client has left
 
 
 class Executor(Protocol):

@@ -27,6 +27,8 @@ class ServingLimits:
     max_prompt_length: int
     max_template_chars: int
     request_timeout_s: float
+    max_top_logprobs: int
+    max_grammar_bytes: int
 
     @property
     def max_chars(self) -> int:

@@ -13,6 +13,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -31,7 +32,9 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutput
 
+from server.engine.protocol import TokenLogprobs
 from server.serving.decoder import LeanDecoder
+from server.serving.grammar import Grammars, grammar_tokenizer
 from server.serving.load_errors import checked_device, load_failure
 from server.serving.tiny import build_tiny_t5
 
@@ -70,6 +73,8 @@ class Decoding:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False  # end-of-sequence is never chosen: rows run to their `max_new_tokens`
+    logprobs: int | None = None  # each token's log-probability and this many alternatives' (the engine only)
+    grammar: str | None = None  # llguidance grammar text the tokens must follow (the engine only)
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ class Generation:
     token_ids: list[int]
     text: str
     finish_reason: str  # "eos" | "length" | NON_FINITE (the row's scores were inf/nan; no output)
+    logprobs: list[TokenLogprobs] | None = None  # one per token, when asked for
 
 
 class SuppressUndecodable(LogitsProcessor):
@@ -183,6 +189,11 @@ class FrozenT5:
         log.info("loaded %s on %s as %s", name, target, torch_dtype)
         return cls(model, tokenizer, name, target, torch_dtype)
 
+    @cached_property
+    def grammars(self) -> Grammars:
+        """Structured output's compiled grammars for this model's tokenizer."""
+        return Grammars(grammar_tokenizer(self.tokenizer, self.model.config.vocab_size, self.eos_token_id))
+
     def use_cpu_threads(self, threads: int) -> None:
         """On CPU, sets torch's threads; 0 keeps one per core (the most throughput on a machine the server
         owns). On a small shared machine, intra-op threads competing with the HTTP loop and other processes
@@ -222,6 +233,17 @@ class FrozenT5:
         return hidden, mask
 
     @torch.inference_mode()
+    def embed(self, rows: list[Row]) -> torch.Tensor:
+        """`[B, d_model]` in fp32: each row's encoder output averaged over its input's tokens (`</s>` included).
+
+        The soft prompt's positions are left out: they are the same for every input of a task, so counting them
+        would pull all of a task's embeddings towards one point. The prompt still shapes every input position
+        (the encoder attends both ways), so two tasks embed the same text differently."""
+        hidden, _ = self.encode(rows)
+        vectors = [hidden[i, row.prompt.shape[0] : row.num_tokens].float().mean(dim=0) for i, row in enumerate(rows)]
+        return torch.stack(vectors)
+
+    @torch.inference_mode()
     def first_step_logits(self, rows: list[Row]) -> torch.Tensor:
         """Logits of the first decoder step, `[B, vocab]` (what tests compare across batches)."""
         hidden, mask = self.encode(rows)
@@ -234,9 +256,16 @@ class FrozenT5:
         return out.logits[:, 0]
 
     @torch.inference_mode()
-    def generate(self, rows: list[Row], decoding: Decoding, max_new_tokens: list[int]) -> list[Generation]:
+    def generate(
+        self,
+        rows: list[Row],
+        decoding: Decoding,
+        max_new_tokens: list[int],
+        step_gate: LogitsProcessor | None = None,
+    ) -> list[Generation]:
         """A row whose scores turn non-finite ends with `finish_reason` NON_FINITE; the call stops early once
-        every row is abandoned."""
+        every row is abandoned. `step_gate`, a processor that changes no score, is called at every step before
+        the others (the engine uses it to run the call one step at a time)."""
         embeds, mask = self.layout(rows)
         config = GenerationConfig(
             max_new_tokens=max(max_new_tokens),
@@ -255,7 +284,7 @@ class FrozenT5:
                 inputs_embeds=embeds,
                 attention_mask=mask,
                 generation_config=config,
-                logits_processor=self._processors(decoding, guard),
+                logits_processor=self._processors(decoding, guard, step_gate),
                 stopping_criteria=StoppingCriteriaList([StopWhenAbandoned(rows)]),
             )
         failed = guard.failed.tolist()
@@ -264,10 +293,13 @@ class FrozenT5:
             for seq, limit, bad in zip(sequences, max_new_tokens, failed, strict=True)
         ]
 
-    def _processors(self, decoding: Decoding, guard: FiniteScoresGuard) -> LogitsProcessorList:
+    def _processors(
+        self, decoding: Decoding, guard: FiniteScoresGuard, step_gate: LogitsProcessor | None = None
+    ) -> LogitsProcessorList:
         """transformers' own order (suppression, then temperature, top-k, top-p), with the guard last: the
         library would put its sampling warpers after any processor passed in, where they could still overflow."""
-        processors = LogitsProcessorList(self._suppress)
+        processors = LogitsProcessorList([step_gate] if step_gate is not None else [])
+        processors.extend(self._suppress)
         if decoding.ignore_eos:
             processors.append(BanToken(self.eos_token_id))
         if decoding.do_sample:
@@ -313,7 +345,7 @@ class FrozenT5:
         for chunk in self._score_chunks(flat, hidden.shape[1], chunk_elements):
             wanted = [j for j in chunk if not rows[owners[j]].abandoned.is_set()]
             if wanted:
-                scores = self._log_likelihoods(hidden, mask, [owners[j] for j in wanted], [flat[j] for j in wanted])
+                scores = self.log_likelihoods(hidden, mask, [owners[j] for j in wanted], [flat[j] for j in wanted])
                 for j, total in zip(wanted, scores, strict=True):
                     sums[j] = total
         result, cursor = [], 0
@@ -336,7 +368,7 @@ class FrozenT5:
         if chunk:
             yield chunk
 
-    def _log_likelihoods(
+    def log_likelihoods(
         self, hidden: torch.Tensor, mask: torch.Tensor, owners: list[int], candidates: list[list[int]]
     ) -> list[float]:
         labels = torch.full((len(candidates), max(map(len, candidates))), -100, dtype=torch.long)

@@ -9,6 +9,7 @@ streams and end the row. Everything else (limits, rate limits, fairness, deadlin
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import time
 import uuid
@@ -17,7 +18,11 @@ from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from prompt_store import TASK_ID_PATTERN, TaskNotFound, VersionNotFound
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from prompt_store import TASK_ID_PATTERN, TaskNotFound, TaskRecord, VersionNotFound
+from server.engine.protocol import TokenLogprobs
 from server.errors import ClientDisconnected, InvalidParameter, ModelNotFound, UnsupportedParameter
 from server.serving.model import Generation
 from server.serving.openai_schemas import (
@@ -29,17 +34,25 @@ from server.serving.openai_schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatLogprobs,
     ChatMessage,
+    ChatTokenLogprob,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
+    Embedding,
+    EmbeddingList,
+    EmbeddingRequest,
+    EmbeddingUsage,
     FinishReason,
     ModelCard,
     ModelList,
     SamplingRequest,
+    TopChatLogprob,
     Usage,
 )
-from server.serving.schemas import MIN_TEMPERATURE, GenerateParameters, GenerateRequest
+from server.serving.schemas import MIN_TEMPERATURE, GenerateParameters, GenerateRequest, JsonSchemaGrammar
 from server.serving.service import ClientGone, GenerateRows, InferenceService, Streaming
 from server.serving.stop_strings import StopCutter
 
@@ -72,11 +85,47 @@ def model_not_found(name: str) -> ModelNotFound:
 
 @dataclass(frozen=True)
 class RowPiece:
-    """Text a row adds; its last piece also says why it ended and how many tokens it took."""
+    """Text a row adds; its last piece also says why it ended and how many tokens it took. With log-probabilities
+    asked for, the tokens whose text it carries (or holds back), each with its log-probabilities."""
 
     text: str
     finish_reason: FinishReason | None = None
     completion_tokens: int = 0
+    logprobs: tuple[tuple[int, TokenLogprobs], ...] = ()
+
+
+class LogprobShapes:
+    """Tokens' log-probabilities in OpenAI's two shapes; a token's text is what it decodes to alone."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+
+    def _text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def completion(self, pairs: Sequence[tuple[int, TokenLogprobs]]) -> CompletionLogprobs:
+        tokens = [self._text(token_id) for token_id, _ in pairs]
+        offsets = [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+        tops = [
+            {self._text(i): v for i, v in zip(given.top_ids, given.top_logprobs, strict=True)} for _, given in pairs
+        ]
+        return CompletionLogprobs(
+            tokens=tokens, token_logprobs=[given.logprob for _, given in pairs], top_logprobs=tops, text_offset=offsets
+        )
+
+    def chat(self, pairs: Sequence[tuple[int, TokenLogprobs]]) -> ChatLogprobs:
+        def entry(token_id: int, logprob: float) -> TopChatLogprob:
+            text = self._text(token_id)
+            return TopChatLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+        content = [
+            ChatTokenLogprob(
+                **entry(token_id, given.logprob).model_dump(),
+                top_logprobs=[entry(i, v) for i, v in zip(given.top_ids, given.top_logprobs, strict=True)],
+            )
+            for token_id, given in pairs
+        ]
+        return ChatLogprobs(content=content)
 
 
 def answer_head(prefix: str, task_id: str, version: int) -> dict[str, Any]:
@@ -87,10 +136,12 @@ def answer_head(prefix: str, task_id: str, version: int) -> dict[str, Any]:
 class OpenAIService:
     def __init__(self, inference: InferenceService) -> None:
         self.inference = inference
+        self.logprobs = LogprobShapes(inference.model.tokenizer)
 
-    async def models(self, tenant: str) -> ModelList:
-        records = await self.inference.registry.list_tasks(tenant)
-        return ModelList(data=[ModelCard(id=r.task_id, created=int(r.created_at), owned_by=tenant) for r in records])
+    async def models(self, tenant: str, cursor: str | None, limit: int) -> ModelList:
+        page = await self.inference.registry.task_page(tenant, cursor, limit)
+        cards = [self._card(r.task_id, r, r.created_at) for r in page.records]
+        return ModelList(data=cards, has_more=page.has_more, next_cursor=page.next_cursor)
 
     async def model(self, tenant: str, name: str) -> ModelCard:
         wanted = TaskModel.parse(name)
@@ -104,7 +155,39 @@ class OpenAIService:
             if info is None:
                 raise model_not_found(name)
             created = info.created_at
-        return ModelCard(id=name, created=int(created), owned_by=tenant)
+        return self._card(name, record, created)
+
+    def _card(self, name: str, record: TaskRecord, created: float) -> ModelCard:
+        """A card with the task's residency on this replica (a router picks the replica that holds it)."""
+        registry = self.inference.registry
+        pinned = registry.is_pinned(record.tenant, record.task_id)
+        return ModelCard(
+            id=name, created=int(created), owned_by=record.tenant, loaded=registry.is_loaded(record), pinned=pinned
+        )
+
+    async def embed(
+        self, tenant: str, request: EmbeddingRequest, client_gone: ClientGone | None = None
+    ) -> EmbeddingList:
+        model = TaskModel.parse(request.model)
+        d_model = self.inference.model.d_model
+        if request.dimensions is not None and request.dimensions != d_model:
+            raise UnsupportedParameter(
+                "dimensions", f"`dimensions` is {request.dimensions}; this model's embeddings have {d_model}"
+            )
+        with model_errors(request.model):
+            rows, vectors = await self.inference.embed(tenant, model.task_id, model.version, request.texts, client_gone)
+        data = [
+            Embedding(index=i, embedding=encoded(vector, request.normalize, request.encoding_format))
+            for i, vector in enumerate(vectors)
+        ]
+        tokens = sum(rows.input_tokens)
+        return EmbeddingList(
+            data=data,
+            model=f"{model.task_id}@{rows.version}",
+            usage=EmbeddingUsage(
+                prompt_tokens=tokens, total_tokens=tokens, soft_prompt_tokens=rows.prompt_length * len(vectors)
+            ),
+        )
 
     async def complete(
         self, tenant: str, request: CompletionRequest, client_gone: ClientGone | None = None
@@ -113,20 +196,39 @@ class OpenAIService:
         rows, pieces = await self._served_rows(tenant, request, generate, client_gone)
         head = answer_head("cmpl", generate.task_id, rows.version)
         choices = [
-            CompletionChoice(index=i, text=piece.text, finish_reason=piece.finish_reason)
+            CompletionChoice(
+                index=i,
+                text=piece.text,
+                finish_reason=piece.finish_reason,
+                logprobs=self._completion_logprobs(request, piece),
+            )
             for i, piece in enumerate(pieces)
         ]
         return Completion(**head, choices=choices, usage=usage(rows, pieces))
+
+    def _completion_logprobs(self, request: SamplingRequest, piece: RowPiece) -> CompletionLogprobs | None:
+        return None if request.top_logprobs_wanted is None else self.logprobs.completion(piece.logprobs)
+
+    def _chat_logprobs(self, request: SamplingRequest, piece: RowPiece) -> ChatLogprobs | None:
+        return None if request.top_logprobs_wanted is None else self.logprobs.chat(piece.logprobs)
 
     async def complete_chat(
         self, tenant: str, request: ChatCompletionRequest, client_gone: ClientGone | None = None
     ) -> ChatCompletion:
         generate = self._chat_request(request)
-        rows, (piece,) = await self._served_rows(tenant, request, generate, client_gone)
+        rows, pieces = await self._served_rows(tenant, request, generate, client_gone)
         head = answer_head("chatcmpl", generate.task_id, rows.version)
-        assert piece.finish_reason is not None  # a whole row's piece says why it ended
-        choice = ChatChoice(index=0, message=AssistantMessage(content=piece.text), finish_reason=piece.finish_reason)
-        return ChatCompletion(**head, choices=[choice], usage=usage(rows, [piece]))
+        choices = [
+            ChatChoice(
+                index=index,
+                message=AssistantMessage(content=piece.text),
+                finish_reason=piece.finish_reason,
+                logprobs=self._chat_logprobs(request, piece),
+            )
+            for index, piece in enumerate(pieces)
+            if piece.finish_reason is not None  # a whole row's piece says why it ended
+        ]
+        return ChatCompletion(**head, choices=choices, usage=usage(rows, pieces))
 
     async def stream_completion(self, tenant: str, request: CompletionRequest) -> Chunks:
         """Checks and admits the request, then hands back its chunks: refusals come before the stream."""
@@ -149,7 +251,12 @@ class OpenAIService:
                     ends.append(piece)
                 elif not piece.text:
                     continue
-                choice = CompletionChoice(index=index, text=piece.text, finish_reason=piece.finish_reason)
+                choice = CompletionChoice(
+                    index=index,
+                    text=piece.text,
+                    finish_reason=piece.finish_reason,
+                    logprobs=self._completion_logprobs(request, piece),
+                )
                 yield chunk_json(Completion(**head, choices=[choice]), request.include_usage)
         if request.include_usage:
             yield Completion(**head, choices=[], usage=usage(rows, ends)).model_dump()
@@ -157,24 +264,32 @@ class OpenAIService:
     async def _chat_chunks(
         self, head: dict[str, Any], rows: GenerateRows[Streaming], request: SamplingRequest
     ) -> Chunks:
-        def chunk(delta: ChatDelta, finish_reason: FinishReason | None = None) -> dict[str, Any]:
-            choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish_reason)
+        def chunk(
+            index: int, delta: ChatDelta, finish_reason: FinishReason | None = None, piece: RowPiece | None = None
+        ) -> dict[str, Any]:
+            logprobs = None if piece is None else self._chat_logprobs(request, piece)
+            choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=logprobs)
             return chunk_json(ChatCompletionChunk(**head, choices=[choice]), request.include_usage)
 
-        yield chunk(ChatDelta(role="assistant", content=""))
+        for index in range(len(rows.outcomes)):
+            yield chunk(index, ChatDelta(role="assistant", content=""))
         ends: list[RowPiece] = []
         async with aclosing(rows_text(rows.outcomes, request.stops)) as pieces:
-            async for _, piece in pieces:
-                if piece.text:
-                    yield chunk(ChatDelta(content=piece.text))
+            async for index, piece in pieces:
+                if piece.text or piece.logprobs:
+                    yield chunk(index, ChatDelta(content=piece.text), piece=piece)
                 if piece.finish_reason is not None:
                     ends.append(piece)
-                    yield chunk(ChatDelta(), piece.finish_reason)
+                    yield chunk(index, ChatDelta(), piece.finish_reason)
         if request.include_usage:
             yield ChatCompletionChunk(**head, choices=[], usage=usage(rows, ends)).model_dump()
 
     def _generate_request(
-        self, request: SamplingRequest, inputs: list[str], max_tokens: tuple[str, int]
+        self,
+        request: SamplingRequest,
+        inputs: list[str],
+        max_tokens: tuple[str, int],
+        grammar: JsonSchemaGrammar | None = None,
     ) -> GenerateRequest:
         """`max_tokens`: the parameter that sets it, and its value."""
         refuse_unsupported(request)
@@ -192,6 +307,9 @@ class OpenAIService:
             top_p=request.top_p if request.top_p is not None else 1.0,
             seed=request.seed,
             ignore_eos=False,
+            logprobs=request.top_logprobs_wanted,
+            n=request.n or 1,
+            grammar=grammar,
         )
         return GenerateRequest(task_id=model.task_id, version=model.version, inputs=inputs, parameters=parameters)
 
@@ -205,7 +323,8 @@ class OpenAIService:
             max_tokens = ("max_completion_tokens", request.max_completion_tokens)
         else:
             max_tokens = ("max_tokens", request.max_tokens or self.inference.limits.max_new_tokens)
-        return self._generate_request(request, [chat_input(request.messages)], max_tokens)
+        grammar = response_grammar(request.response_format)
+        return self._generate_request(request, [chat_input(request.messages)], max_tokens, grammar)
 
     async def _served_rows(
         self,
@@ -253,6 +372,23 @@ def same_value(value: object, no_op: object) -> bool:
     return value == no_op and isinstance(value, bool) == isinstance(no_op, bool)
 
 
+def response_grammar(response_format: dict[str, Any] | None) -> JsonSchemaGrammar | None:
+    """OpenAI's `response_format` as a grammar: `json_schema` its schema, `json_object` any JSON object, `text` none."""
+    kind = None if response_format is None else response_format.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return JsonSchemaGrammar(type="json_schema", schema={"type": "object"})
+    spec = response_format.get("json_schema") if response_format is not None else None
+    if kind == "json_schema" and isinstance(spec, dict) and isinstance(spec.get("schema"), dict):
+        return JsonSchemaGrammar(type="json_schema", schema=spec["schema"])
+    raise InvalidParameter(
+        "response_format",
+        '`response_format` is `{"type": "text"}`, `{"type": "json_object"}`, or '
+        '`{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}`',
+    )
+
+
 def chat_input(messages: list[ChatMessage]) -> str:
     """A prompt-tuned task is single-turn and its soft prompt is its instruction: the one input is the one user
     message. System, developer, assistant and tool messages, or several user turns, cannot be honoured: refused."""
@@ -269,18 +405,30 @@ def chat_input(messages: list[ChatMessage]) -> str:
     return text
 
 
+def encoded(vector: list[float], normalize: bool, encoding_format: str) -> list[float] | str:
+    """A vector as OpenAI sends it: floats, or base64 of its little-endian float32 bytes; unit length if asked."""
+    values = np.asarray(vector, dtype=np.float32)
+    if normalize:
+        values = values / max(float(np.linalg.norm(values)), np.finfo(np.float32).tiny)
+    if encoding_format == "base64":
+        return base64.b64encode(values.astype("<f4").tobytes()).decode()
+    return values.tolist()
+
+
 def whole_row(generation: Generation) -> RowPiece:
-    return RowPiece(generation.text, FINISH_REASONS[generation.finish_reason], len(generation.token_ids))
+    logprobs = tuple(zip(generation.token_ids, generation.logprobs or [], strict=False))
+    return RowPiece(generation.text, FINISH_REASONS[generation.finish_reason], len(generation.token_ids), logprobs)
 
 
 def usage(rows: GenerateRows[Any], ends: Sequence[RowPiece]) -> Usage:
-    prompt_tokens = sum(rows.input_tokens)
+    """Each prompt's tokens once, however many choices it has (OpenAI's count); every choice's completion."""
+    prompt_tokens = sum(rows.input_tokens[:: rows.choices])
     completion_tokens = sum(end.completion_tokens for end in ends)
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
-        soft_prompt_tokens=rows.prompt_length * len(rows.input_tokens),
+        soft_prompt_tokens=rows.prompt_length * len(rows.input_tokens[:: rows.choices]),
     )
 
 
@@ -294,18 +442,22 @@ async def row_pieces(stream: Streaming, stops: Sequence[str]) -> AsyncGenerator[
     the stream cancels it). Text that may begin a stop string is held back until it is known not to."""
     cutter = StopCutter(stops)
     tokens = 0
+    logprobs: list[tuple[int, TokenLogprobs]] = []  # of the tokens since the last piece
     async with aclosing(aiter(stream)) as streamed:
         async for token in streamed:
             tokens += 1
+            if token.logprobs is not None:
+                logprobs.append((token.token_id, token.logprobs))
             text = cutter.feed(token.text)
             if cutter.stopped:
-                yield RowPiece(text, "stop", tokens)
+                yield RowPiece(text, "stop", tokens, tuple(logprobs))
                 return
             if text:
-                yield RowPiece(text)
+                yield RowPiece(text, logprobs=tuple(logprobs))
+                logprobs.clear()
     result = stream.result
     assert result is not None  # set when the tokens end without an error
-    yield RowPiece(cutter.rest(), FINISH_REASONS[result.finish_reason], len(result.token_ids))
+    yield RowPiece(cutter.rest(), FINISH_REASONS[result.finish_reason], len(result.token_ids), tuple(logprobs))
 
 
 def rows_text(streams: list[Streaming], stops: Sequence[str]) -> AsyncGenerator[tuple[int, RowPiece], None]:
@@ -339,15 +491,17 @@ async def interleaved(sources: list[AsyncGenerator[T, None]]) -> AsyncGenerator[
 async def collect(streams: list[Streaming], stops: Sequence[str]) -> list[RowPiece]:
     """Each row whole: its text up to its first stop string, why it ended and its tokens."""
     texts: list[list[str]] = [[] for _ in streams]
+    logprobs: list[list[tuple[int, TokenLogprobs]]] = [[] for _ in streams]
     ends: list[RowPiece | None] = [None] * len(streams)
     async with aclosing(rows_text(streams, stops)) as pieces:
         async for index, piece in pieces:
             texts[index].append(piece.text)
+            logprobs[index] += piece.logprobs
             if piece.finish_reason is not None:
                 ends[index] = piece
     return [
-        RowPiece("".join(text), end.finish_reason, end.completion_tokens)
-        for text, end in zip(texts, ends, strict=True)
+        RowPiece("".join(text), end.finish_reason, end.completion_tokens, tuple(given))
+        for text, given, end in zip(texts, logprobs, ends, strict=True)
         if end is not None
     ]
 

@@ -9,14 +9,35 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StringConstraints, field_validator, model_serializer
+from pydantic import BaseModel, Field, StringConstraints, field_validator, model_serializer, model_validator
 
 from prompt_store.records import Utf8Text
-from server.serving.schemas import StrictModel, unicode_texts
+from server.serving.schemas import (
+    MAX_CHOICES,
+    MAX_INPUTS,
+    MAX_TEXT_CHARS,
+    MAX_TOP_LOGPROBS,
+    StrictModel,
+    Text,
+    unicode_texts,
+)
 
 MAX_STOPS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256  # each stop string is looked for after every token: its length bounds that work
 MAX_MODEL_CHARS = 100
+# Caps on what is only refused or ignored (the engine has no logit bias, tools or functions; one message is
+# served): the named refusal must come from a bounded parse. OpenAI's own limits where it has them.
+MAX_USER_CHARS = 256
+MAX_NAME_CHARS = 64  # OpenAI's
+MAX_LOGIT_BIAS = 300
+MAX_TOKEN_KEY_CHARS = 20
+MAX_TOOLS = 128  # OpenAI's
+MAX_MESSAGES = 256
+MAX_CONTENT_PARTS = 256
+MAX_RESPONSE_FORMAT_KEYS = 8
+
+ChatText = Annotated[Utf8Text, StringConstraints(max_length=MAX_TEXT_CHARS)]
+TokenKey = Annotated[str, StringConstraints(max_length=MAX_TOKEN_KEY_CHARS)]
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 ModelName = Annotated[
@@ -25,13 +46,9 @@ ModelName = Annotated[
 
 # Parameter -> (the values that change nothing besides null, why any other is refused): refused with 400, by name.
 UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "n": ((1,), "one choice per prompt: send a list of prompts, or several requests, for more"),
     "best_of": ((1,), "one choice per prompt"),
     "echo": ((False,), "the prompt is not echoed"),
     "suffix": (("",), "a task continues its input; it does not fill in text"),
-    # The completions' integer form has no no-op value (0 asks for the chosen tokens' log-probabilities).
-    "logprobs": ((False,), "the engine does not compute log-probabilities"),
-    "top_logprobs": ((0,), "the engine does not compute log-probabilities"),
     "logit_bias": (({},), "the engine does not bias tokens"),
     "frequency_penalty": ((0,), "the engine has no repetition penalties"),
     "presence_penalty": ((0,), "the engine has no repetition penalties"),
@@ -39,7 +56,6 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "tool_choice": (("none",), "a prompt-tuned task does not call tools"),
     "functions": ((), "a prompt-tuned task does not call functions"),
     "function_call": (("none",), "a prompt-tuned task does not call functions"),
-    "response_format": (({"type": "text"},), "a task answers plain text"),
 }
 
 
@@ -58,9 +74,11 @@ class SamplingRequest(StrictModel):
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    user: str | None = Field(None, description="accepted; not used")
-    n: int | None = Field(None, ge=1)
-    logit_bias: dict[str, float] | None = None
+    user: str | None = Field(None, max_length=MAX_USER_CHARS, description="accepted; not used")
+    n: int | None = Field(
+        None, ge=1, le=MAX_CHOICES, description="choices per prompt (sampled: seeds `seed`, `seed + 1`, ...)"
+    )
+    logit_bias: dict[TokenKey, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
 
@@ -69,16 +87,29 @@ class SamplingRequest(StrictModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     @property
+    def top_logprobs_wanted(self) -> int | None:
+        """How many alternatives each token's log-probability comes with (None: no log-probabilities)."""
+        return None
+
+    @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] = Field(description="one prompt, or a list (each is one row and one choice)")
+    prompt: Text | Annotated[list[Text], Field(max_length=MAX_INPUTS)] = Field(
+        description="one prompt, or a list (each is one row and one choice)"
+    )
     best_of: int | None = None
     echo: bool | None = None
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="each token's log-probability and this many alternatives'"
+    )
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     _unicode = field_validator("prompt")(unicode_texts)
 
@@ -92,7 +123,7 @@ class CompletionRequest(SamplingRequest):
 
 class TextPart(StrictModel):
     type: Literal["text"]
-    text: Utf8Text
+    text: ChatText
 
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -100,8 +131,8 @@ Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 class ChatMessage(StrictModel):
     role: Role
-    content: Utf8Text | list[TextPart] | None = None
-    name: str | None = Field(None, description="accepted; not used")
+    content: ChatText | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
+    name: str | None = Field(None, max_length=MAX_NAME_CHARS, description="accepted; not used")
 
     @property
     def text(self) -> str | None:
@@ -112,15 +143,27 @@ class ChatMessage(StrictModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, description="`max_tokens`' newer name")
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
+    logprobs: bool | None = Field(None, description="each token's log-probability, in `choices[].logprobs`")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="with `logprobs`: this many alternatives per token"
+    )
+    tools: list[Any] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Any = None
-    functions: list[Any] | None = None
+    functions: list[Any] | None = Field(None, max_length=MAX_TOOLS)
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = Field(None, max_length=MAX_RESPONSE_FORMAT_KEYS)
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("`top_logprobs` needs `logprobs: true`")
+        return self
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class Usage(BaseModel):
@@ -135,21 +178,37 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    loaded: bool = Field(description="softserve: the task's active prompt is on this replica's device now")
+    pinned: bool = Field(description="softserve: the task is pinned (never evicted, on every replica)")
 
 
 class ModelList(BaseModel):
+    """OpenAI's list, one page of it: `next_cursor` asks for the next page (null: this is the last)."""
+
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    has_more: bool = False
+    next_cursor: str | None = None
 
 
 FinishReason = Literal["stop", "length"]
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions' shape: per token its text, log-probability, the most likely alternatives (text ->
+    log-probability) and where its text begins in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Answer(BaseModel):
@@ -173,11 +232,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopChatLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopChatLogprob):
+    top_logprobs: list[TopChatLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(Answer):
@@ -200,10 +274,50 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(Answer):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+class EmbeddingRequest(StrictModel):
+    """OpenAI's embeddings request; `model` is a task. Texts only (token arrays are refused as any other type)."""
+
+    model: ModelName
+    input: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS)] = Field(
+        description="one text, or a list (each is one row and one embedding)"
+    )
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="`base64`: each vector's little-endian float32 bytes, base64-encoded"
+    )
+    dimensions: int | None = Field(None, ge=1, description="only the model's `d_model` (the vectors are not cut)")
+    user: str | None = Field(None, max_length=MAX_USER_CHARS, description="accepted; not used")
+    normalize: bool = Field(True, description="softserve's own: unit length (OpenAI's embeddings are), or the raw mean")
+
+    _unicode = field_validator("input")(unicode_texts)
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int = Field(description="input tokens, templated, with `</s>`, over every row")
+    total_tokens: int
+    soft_prompt_tokens: int = Field(description="the soft prompt's length, for each row: not in `total_tokens`")
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str = Field(description="the task and the version that served it: `task@N`")
+    usage: EmbeddingUsage

@@ -12,18 +12,20 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 from pydantic import ValidationError
 
 from prompt_store.records import INPUT_PLACEHOLDER
+from server.engine.protocol import TokenLogprobs
 from server.errors import ClientDisconnected, DeadlineExceeded, InvalidInput
 from server.registry.registry import PromptRegistry, ResolvedPrompt
-from server.serving.batch_runner import AnyWork, ClassifyWork, GenerateWork, Work
+from server.serving.batch_runner import AnyWork, ClassifyWork, EmbedWork, GenerateWork, Work
 from server.serving.ensemble import EnsembleInference
-from server.serving.executor import Executor
+from server.serving.executor import ClientGone, Executor
+from server.serving.grammar import InvalidGrammar, grammar_text
 from server.serving.limits import ServingLimits
 from server.serving.model import Decoding, FrozenT5, Generation, Row
 from server.serving.ranking import classify_output, label_scores
@@ -35,10 +37,13 @@ from server.serving.schemas import (
     GenerateParameters,
     GenerateRequest,
     GenerateResponse,
+    JsonSchemaGrammar,
+    RegexGrammar,
+    TokenLogprob,
+    TopLogprob,
 )
 from server.tenancy.rate_limits import TenantRateLimits
 
-ClientGone = Callable[[], Awaitable[None]]
 R = TypeVar("R")
 Outcome = TypeVar("Outcome")
 
@@ -49,6 +54,24 @@ class Streaming(Protocol):
     result: Generation | None
 
     def __aiter__(self) -> AsyncGenerator[Any, None]: ...
+
+
+class RefundedStream:
+    """A row's token stream that gives back, when the row ends with its result, the tokens it reserved and did
+    not generate."""
+
+    def __init__(self, stream: Streaming, work: GenerateWork, tenant: str, rate_limits: TenantRateLimits) -> None:
+        self.stream, self.work, self.tenant, self.rate_limits = stream, work, tenant, rate_limits
+
+    @property
+    def result(self) -> Generation | None:
+        return self.stream.result
+
+    async def __aiter__(self) -> AsyncGenerator[Any, None]:
+        async for token in self.stream:
+            yield token
+        if self.stream.result is not None:
+            await self.rate_limits.refund(self.tenant, self.work.unused_tokens(self.stream.result))
 
 
 @runtime_checkable
@@ -65,13 +88,24 @@ class GenerateRows(Generic[Outcome]):
     prompt_length: int
     input_tokens: list[int]
     outcomes: list[Outcome]
+    choices: int = 1  # rows per input (`n`): rows are input-major, choice j of input i at i * choices + j
 
     @classmethod
     def of(
-        cls, resolved: ResolvedPrompt, works: Sequence[GenerateWork], outcomes: list[Outcome]
+        cls, resolved: ResolvedPrompt, works: Sequence[GenerateWork], outcomes: list[Outcome], choices: int = 1
     ) -> GenerateRows[Outcome]:
         lengths = [len(work.row.input_ids) for work in works]
-        return cls(resolved.version, resolved.embeddings.shape[0], lengths, outcomes)
+        return cls(resolved.version, resolved.embeddings.shape[0], lengths, outcomes, choices)
+
+
+GRAMMAR_BYTES_PER_TOKEN = 4  # compiling a grammar is charged as this many bytes of its text per token
+
+
+def choice_decoding(decoding: Decoding, choice: int) -> Decoding:
+    """Choice j of an input draws with `seed + j`: a seeded request is reproducible, and its choices differ."""
+    if choice == 0 or decoding.seed is None:
+        return decoding
+    return replace(decoding, seed=decoding.seed + choice)
 
 
 class InferenceService:
@@ -100,17 +134,42 @@ class InferenceService:
             return await self.ensembles.generate(tenant, request, client_gone)
         rows = await self.generate_rows(tenant, request, client_gone)
         outputs = [
-            GenerateOutput(text=g.text, num_tokens=len(g.token_ids), finish_reason=g.finish_reason)
+            GenerateOutput(
+                text=g.text,
+                num_tokens=len(g.token_ids),
+                finish_reason=g.finish_reason,
+                logprobs=None if g.logprobs is None else self.token_logprobs(g.token_ids, g.logprobs),
+            )
             for g in rows.outcomes
         ]
         return GenerateResponse(task_id=request.task_id, prompt_version=rows.version, outputs=outputs)
+
+    def token_logprobs(self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs]) -> list[TokenLogprob]:
+        """Each token's log-probability and its alternatives, with the text of each token as the tokenizer writes
+        it (one tokenizer call for the row)."""
+        alternatives = [i for given in logprobs for i in given.top_ids]
+        texts = iter(self.model.tokenizer.convert_ids_to_tokens([*token_ids, *alternatives]))
+        token_texts = [next(texts) for _ in token_ids]
+        return [
+            TokenLogprob(
+                id=token_id,
+                text=text,
+                logprob=given.logprob,
+                top_logprobs=[
+                    TopLogprob(id=i, text=next(texts), logprob=v)
+                    for i, v in zip(given.top_ids, given.top_logprobs, strict=True)
+                ],
+            )
+            for token_id, text, given in zip(token_ids, token_texts, logprobs, strict=True)
+        ]
 
     async def generate_rows(
         self, tenant: str, request: GenerateRequest, client_gone: ClientGone | None = None
     ) -> GenerateRows[Generation]:
         """`generate`'s rows with what they were given: their token counts besides their generations."""
-        resolved, works = await self._generate_works(tenant, request)
-        return GenerateRows.of(resolved, works, await self._run(works, tenant, client_gone))
+        resolved, works = await self.generate_works(tenant, request)
+        choices = self._choices(request, works)
+        return GenerateRows.of(resolved, works, await self.run_rows(works, tenant, client_gone), choices)
 
     async def generate_stream(self, tenant: str, request: GenerateRequest) -> tuple[int, Streaming]:
         """Checks and admits a one-input request like `generate`, then hands back the prompt version and the
@@ -119,6 +178,8 @@ class InferenceService:
         inputs = request.inputs
         if isinstance(inputs, list) and len(inputs) != 1:
             raise InvalidInput(f"a streamed request carries exactly one input ({len(inputs)} given)")
+        if request.parameters is not None and request.parameters.n > 1:
+            raise InvalidInput("a streamed request has one output: use n 1 (the OpenAI routes stream n choices)")
         rows = await self.open_streams(tenant, request)
         return rows.version, rows.outcomes[0]
 
@@ -126,23 +187,30 @@ class InferenceService:
         """Checks and admits a request like `generate`, then opens one token stream per input, all at once (each
         stream's consumer stopping early cancels its row)."""
         executor = self._streaming_executor()
-        resolved, works = await self._generate_works(tenant, request)
+        resolved, works = await self.generate_works(tenant, request)
         if works[0].decoding.num_beams > 1:  # one decoding for every row
             raise InvalidInput("beam search cannot stream: use num_beams 1, or a request without `stream`")
         await self._admit(works, tenant)
         executor.check_room(len(works))  # no await from here on: every row is opened, or none
-        deadline = self._deadline()
-        return GenerateRows.of(resolved, works, [executor.open_stream(work, tenant, deadline) for work in works])
+        deadline = self.deadline()
+        streams: list[Streaming] = [
+            RefundedStream(executor.open_stream(work, tenant, deadline), work, tenant, self.rate_limits)
+            for work in works
+        ]
+        return GenerateRows.of(resolved, works, streams, self._choices(request, works))
 
     def _streaming_executor(self) -> StreamingExecutor:
         if not isinstance(self.executor, StreamingExecutor):
             raise InvalidInput("streaming needs the continuous scheduler (this server runs `--scheduler static`)")
         return self.executor
 
-    async def _generate_works(self, tenant: str, request: GenerateRequest) -> tuple[ResolvedPrompt, list[GenerateWork]]:
-        texts = self._admissible_texts(request.inputs)
+    async def generate_works(self, tenant: str, request: GenerateRequest) -> tuple[ResolvedPrompt, list[GenerateWork]]:
+        texts = self.admissible_texts(request.inputs)
         resolved = await self.registry.resolve(tenant, request.task_id, request.version)
         params = self._parameters(resolved, request.parameters)
+        self._check_choices(params, len(texts))
+        self._check_logprobs(params)
+        grammar, compile_tokens = await self._grammar(params)
         decoding = Decoding(
             do_sample=params.do_sample,
             num_beams=params.num_beams,
@@ -150,26 +218,53 @@ class InferenceService:
             top_p=params.top_p,
             seed=params.seed,
             ignore_eos=params.ignore_eos,
+            logprobs=params.logprobs,
+            grammar=grammar,
         )
         task = (tenant, request.task_id)
         rows, _ = await self._tokenized(resolved, texts)
-        return resolved, [GenerateWork(row, task, decoding, params.max_new_tokens) for row in rows]
+        works = [
+            GenerateWork(Row(row.prompt, row.input_ids), task, choice_decoding(decoding, j), params.max_new_tokens)
+            for row in rows
+            for j in range(params.n)
+        ]
+        works[0] = replace(works[0], compile_tokens=compile_tokens)
+        self.executor.check_room(len(works))
+        return resolved, works
+
+    async def embed(
+        self,
+        tenant: str,
+        task_id: str,
+        version: int | None,
+        texts: list[str],
+        client_gone: ClientGone | None = None,
+    ) -> tuple[GenerateRows[list[float]], list[list[float]]]:
+        """Each text's embedding with the task's prompt (`FrozenT5.embed`), its row checked, charged and batched
+        like any other row's (its cost: prompt + input tokens); with the rows' token counts."""
+        texts = self.admissible_texts(texts)
+        resolved = await self.registry.resolve(tenant, task_id, version)
+        rows, _ = await self._tokenized(resolved, texts)
+        works = [EmbedWork(row, (tenant, task_id)) for row in rows]
+        vectors = await self.run_rows(works, tenant, client_gone)
+        lengths = [len(row.input_ids) for row in rows]
+        return GenerateRows(resolved.version, resolved.embeddings.shape[0], lengths, vectors), vectors
 
     async def classify(
         self, tenant: str, request: ClassifyRequest, client_gone: ClientGone | None = None
     ) -> ClassifyResponse:
         if request.ensemble:
             return await self.ensembles.classify(tenant, request, client_gone)
-        resolved, labels, works = await self._classify_works(tenant, request)
-        results = await self._run(works, tenant, client_gone)
+        resolved, labels, works = await self.classify_works(tenant, request)
+        results = await self.run_rows(works, tenant, client_gone)
         targets = works[0].targets
         outputs = [classify_output(labels, s) for s in label_scores(results, targets, request.length_normalize)]
         return ClassifyResponse(task_id=request.task_id, prompt_version=resolved.version, outputs=outputs)
 
-    async def _classify_works(
+    async def classify_works(
         self, tenant: str, request: ClassifyRequest
     ) -> tuple[ResolvedPrompt, list[str], list[ClassifyWork]]:
-        texts = self._admissible_texts(request.inputs)
+        texts = self.admissible_texts(request.inputs)
         resolved = await self.registry.resolve(tenant, request.task_id, request.version)
         labels = self._admissible_labels(request.labels or resolved.task.metadata.labels)
         rows, targets = await self._tokenized(resolved, texts, labels)
@@ -177,7 +272,7 @@ class InferenceService:
         task = (tenant, request.task_id)
         return resolved, labels, [ClassifyWork(row, task, targets) for row in rows]
 
-    def _admissible_texts(self, inputs: str | list[str]) -> list[str]:
+    def admissible_texts(self, inputs: str | list[str]) -> list[str]:
         """What the request alone decides, before any lookup or tokenizing: permanent refusals (422) first,
         then room in the queue (503), so that a client retrying a 503 is not retrying a request that can never
         be served."""
@@ -189,6 +284,74 @@ class InferenceService:
         self._check_chars(texts, "input")
         self.executor.check_room(len(texts))
         return texts
+
+    @staticmethod
+    def _choices(request: GenerateRequest, works: Sequence[GenerateWork]) -> int:
+        inputs = 1 if isinstance(request.inputs, str) else len(request.inputs)
+        return len(works) // inputs
+
+    def _check_choices(self, params: GenerateParameters, inputs: int) -> None:
+        rows = inputs * params.n
+        if rows > self.limits.max_inputs_per_request:
+            raise InvalidInput(
+                f"{inputs} inputs x n {params.n} is {rows} rows; a request may carry at most "
+                f"{self.limits.max_inputs_per_request}"
+            )
+        if params.n > 1 and params.num_beams > 1:
+            raise InvalidInput("n above 1 needs greedy or sampled decoding, not beam search")
+
+    async def _grammar(self, params: GenerateParameters) -> tuple[str | None, int]:
+        """`parameters.grammar` as llguidance's grammar text, compiled (off the event loop, once per text) or refused
+        with 422 before anything runs; and the tokens its compiling costs the tenant (none if compiled before)."""
+        if params.grammar is None:
+            return None, 0
+        if params.num_beams > 1 or params.ignore_eos:
+            raise InvalidInput("a grammar needs greedy or sampled decoding that may end: not beam search or ignore_eos")
+        if not isinstance(self.executor, StreamingExecutor):
+            raise InvalidInput(
+                "structured output needs the continuous scheduler (this server runs `--scheduler static`)"
+            )
+        grammar = params.grammar
+        value = (
+            grammar.json_schema
+            if isinstance(grammar, JsonSchemaGrammar)
+            else grammar.pattern
+            if isinstance(grammar, RegexGrammar)
+            else grammar.choices
+        )
+        try:
+            text = await asyncio.to_thread(grammar_text, grammar.type, value)
+        except ValueError as error:
+            raise InvalidInput(f"parameters.grammar is not valid: {error}") from None
+        if len(text) > self.limits.max_grammar_bytes:
+            raise InvalidInput(
+                f"parameters.grammar compiles to {len(text)} bytes; this server takes at most "
+                f"{self.limits.max_grammar_bytes}"
+            )
+        grammars = self.model.grammars
+        if grammars.compiled(text):
+            return text, 0
+        try:
+            async with self._tokenizing:  # compiling is CPU work too: no more at once than there are cores
+                await asyncio.to_thread(grammars.compile, text)
+        except InvalidGrammar as error:
+            raise InvalidInput(f"parameters.grammar does not compile: {error}") from None
+        return text, -(-len(text) // GRAMMAR_BYTES_PER_TOKEN)
+
+    def _check_logprobs(self, params: GenerateParameters) -> None:
+        if params.logprobs is None:
+            return
+        if params.logprobs > self.limits.max_top_logprobs:
+            raise InvalidInput(
+                f"parameters.logprobs is {params.logprobs}; this server reports at most "
+                f"{self.limits.max_top_logprobs} alternatives per token"
+            )
+        if params.num_beams > 1:
+            raise InvalidInput("log-probabilities are reported for greedy and sampled decoding, not beam search")
+        if not isinstance(self.executor, StreamingExecutor):
+            raise InvalidInput(
+                "log-probabilities need the continuous scheduler (this server runs `--scheduler static`)"
+            )
 
     def _admissible_labels(self, labels: list[str] | None) -> list[str]:
         if not labels:
@@ -268,26 +431,33 @@ class InferenceService:
                     "fewer beams or a shorter input"
                 )
 
-    def _deadline(self) -> float:
+    def deadline(self) -> float:
         return time.monotonic() + self.limits.request_timeout_s
 
     async def _admit(self, works: Sequence[AnyWork], tenant: str) -> None:
+        """Charges the tenant what the rows put into model calls and every token they may generate (refunded,
+        for what they do not generate, when they end)."""
         self._check_costs(works)
-        await self.rate_limits.admit(tenant, sum(work.cost for work in works))  # what it puts into model calls
+        await self.rate_limits.admit(tenant, sum(work.cost + work.reserved_tokens for work in works))
 
-    async def _run(
+    async def _refund(self, tenant: str, works: Sequence[Work[R]], results: Sequence[R]) -> None:
+        unused = sum(work.unused_tokens(result) for work, result in zip(works, results, strict=True))
+        await self.rate_limits.refund(tenant, unused)
+
+    async def run_rows(
         self, works: Sequence[Work[R]], tenant: str, client_gone: ClientGone | None, deadline: float | None = None
     ) -> list[R]:
         """Admits the rows, then waits for them, the deadline, or the client leaving, whichever comes first.
 
         When the request ends for any reason its rows still queued or running are abandoned: the executor drops
         them (queued), or stops spending work on them at the next group or step. A `deadline` given
-        (`time.monotonic()`) marks a request's second submission (an ensemble's tie-break): its rows were admitted
-        and paid for with the first, and they share the request's deadline.
+        (`time.monotonic()`) marks a request's second submission (an ensemble's tie-break): it is checked and
+        charged as the first was, and shares the request's deadline. Rows that end with a result give back what
+        they reserved and did not use.
         """
+        await self._admit(works, tenant)
         if deadline is None:
-            await self._admit(works, tenant)
-            deadline = self._deadline()
+            deadline = self.deadline()
         futures = self.executor.submit(works, tenant, deadline)
         results = asyncio.gather(*futures)
         watchers: set[asyncio.Future[Any]] = {results}
@@ -300,7 +470,9 @@ class InferenceService:
             )
             if results in done:
                 # A `Work[R]`'s row gets an `R`: the executor runs each work with its own kind's model call.
-                return cast("list[R]", results.result())
+                outcomes = cast("list[R]", results.result())
+                await self._refund(tenant, works, outcomes)
+                return outcomes
             if gone is not None and gone in done:
                 raise ClientDisconnected("the client closed the connection")
             raise DeadlineExceeded(f"the request did not finish within {self.limits.request_timeout_s:g} s")

@@ -174,8 +174,12 @@ class ApiKeys:
             )
         if authorization is None and mode == "open":
             return ANONYMOUS
-        if not authorization or not authorization.startswith("Bearer "):
+        if not authorization:
             raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
+        if not authorization.startswith("Bearer "):
+            raise Unauthorized(
+                "the Authorization header lacks its `Bearer ` prefix: send `Authorization: Bearer <key>`"
+            )
         found = self._match(hash_key(authorization.removeprefix("Bearer ").strip()))
         if found is None:
             raise Unauthorized("invalid API key")

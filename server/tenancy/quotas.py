@@ -3,6 +3,7 @@ a training job (whose result becomes a task), so both refuse alike."""
 
 from __future__ import annotations
 
+from prompt_store import TaskNotFound
 from server.errors import RateLimited
 from server.registry.registry import PromptRegistry
 
@@ -18,11 +19,12 @@ class TaskQuota:
     async def check(self, tenant: str, task_id: str) -> None:
         """Raises `RateLimited` when `task_id` would be a new task past the tenant's quota (a new version of a
         stored task is not a new task)."""
-        if not self.max_tasks:
+        if not self.max_tasks or await self.registry.count_tasks(tenant) < self.max_tasks:
             return
-        existing = {record.task_id for record in await self.registry.list_tasks(tenant)}
-        if task_id not in existing and len(existing) >= self.max_tasks:
+        try:
+            await self.registry.task(tenant, task_id)  # counted from the index: only a tenant at its quota reads
+        except TaskNotFound:
             raise RateLimited(
                 f"this tenant's quota of {self.max_tasks} tasks is used; delete a task first",
                 retry_after_s=QUOTA_RETRY_AFTER_S,
-            )
+            ) from None

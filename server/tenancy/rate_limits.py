@@ -51,10 +51,24 @@ class TenantRateLimits:
             wait = max(1.0, stats.reset_time - time.time())
             raise RateLimited(f"tenant rate limit of {item.amount} {what}/s reached; retry later", wait)
 
+    async def refund(self, tenant: str, tokens: int) -> None:
+        """Gives back tokens charged by `admit` that were not used (a row reserved `max_new_tokens` and ended
+        sooner). The window they go back to is the current one: a refund after the window of its charge turned
+        returns a little more than that window still counted of them (at most the refund)."""
+        if tokens <= 0:
+            return
+        for item, _, by_tokens in self._limits:
+            if by_tokens:
+                try:
+                    await self._limiter.hit(item, tenant, cost=-tokens)
+                except Exception:  # storage down: the tokens stay charged
+                    log.warning("rate limiter storage failed; a refund of %d tokens is lost", tokens, exc_info=True)
+
     def _refuse_unaffordable(self, tokens: int) -> None:
         for item, _, by_tokens in self._limits:
             if by_tokens and tokens > item.amount:
                 raise InvalidInput(
-                    f"this request costs {tokens} tokens of model calls; a tenant may use at most {item.amount} "
-                    "tokens per second, so it can never be admitted: send fewer or shorter inputs"
+                    f"this request costs {tokens} tokens (its rows' prompt and input tokens, and every token they "
+                    f"may generate); a tenant may use at most {item.amount} tokens per second, so it can never be "
+                    "admitted: send fewer or shorter inputs, or a lower max_new_tokens"
                 )

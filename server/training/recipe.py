@@ -40,6 +40,7 @@ MAX_TOKENS = 1_000_000
 MAX_LEARNING_RATE = 10.0
 MAX_WEIGHT_DECAY = 1.0
 MAX_SEED = 2**63 - 1
+MAX_INIT_TEXT_CHARS = 1 << 20  # far more than a prompt's rows of tokens: only the start of it is used
 
 
 class TrainingConfig(BaseModel):
@@ -50,7 +51,9 @@ class TrainingConfig(BaseModel):
 
     prompt_length: int = Field(100, ge=1, le=MAX_TOKENS, description="prompt rows P")
     init: InitMethod = Field("class_labels", description="class_labels | vocab | random | text | task")
-    init_text: Utf8Text | None = Field(None, description="text whose token embeddings seed the prompt (init=text)")
+    init_text: Utf8Text | None = Field(
+        None, max_length=MAX_INIT_TEXT_CHARS, description="text whose token embeddings seed the prompt (init=text)"
+    )
     init_task: str | None = Field(
         None,
         pattern=INIT_TASK_PATTERN,

@@ -1,7 +1,7 @@
--- wrk script of bench/goodput.py: POST /v1/generate with the JSON bodies of a file (one a line, argument
--- after `--`), in turn; counts 200, 503 and other answers. wrk sends a connection's next request as soon as
--- its answer arrives, so a client told 503 retries at once (Retry-After is ignored on purpose).
--- done() prints one line, `goodput-result {json}`, that the Python side reads.
+-- wrk script of the benchmarks (`wrk` in common.py): POST /v1/generate with the JSON bodies of a file (one a
+-- line, argument after `--`), in turn; counts 200, 503 and other answers. wrk sends a connection's next request
+-- as soon as its answer arrives, so a client told 503 retries at once (Retry-After is ignored on purpose).
+-- done() prints one line, `wrk-result {json}`, that common.py reads.
 
 local threads = {}
 
@@ -43,7 +43,7 @@ function done(summary, latency, requests)
   end
   local errors = summary.errors
   io.write(string.format(
-    'goodput-result {"ok": %d, "rejected": %d, "other": %d, "seconds": %.6f, '
+    'wrk-result {"ok": %d, "rejected": %d, "other": %d, "seconds": %.6f, '
       .. '"socket_errors": %d, "timeouts": %d, "latency_p50_ms": %.3f, "latency_p99_ms": %.3f}\n',
     ok, rejected, other, summary.duration / 1e6,
     errors.connect + errors.read + errors.write, errors.timeout,
