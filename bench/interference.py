@@ -182,13 +182,19 @@ def set_up(url: str, victim_key: str, attacker_key: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = parser(__doc__.split("\n")[0], repeats=4).parse_args(argv)
+    args = parser(__doc__.split("\n")[0], repeats=4)
+    args.add_argument("--pass-budget-tokens", type=int, default=None, help="the server's (default: its default)")
+    options = args.parse_args(argv)
     rounds = 1 if options.quick else options.repeats
     with tempfile.TemporaryDirectory() as workdir:
         data = Path(workdir) / "data"
         keys = ApiKeys(data / "api_keys.json")
         victim_key, attacker_key = keys.add("victim"), keys.add("attacker")
-        flags = ("--model", "tiny", "--rate-limit-requests-per-s", "50", "--rate-limit-tokens-per-s", "50000")
+        flags: tuple[str, ...] = (
+            "--model", "tiny", "--rate-limit-requests-per-s", "50", "--rate-limit-tokens-per-s", "50000",
+        )  # fmt: skip
+        if options.pass_budget_tokens is not None:
+            flags += ("--pass-budget-tokens", str(options.pass_budget_tokens))
         with server_process(data, *flags, timeout_s=300) as (_, url):
             set_up(url, victim_key, attacker_key)
             result = asyncio.run(measure(url, victim_key, attacker_key, rounds))

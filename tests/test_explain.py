@@ -25,6 +25,7 @@ from server.tenancy.keys import ApiKeys
 from server.training import PromptTrainer, TrainingConfig, TrainingExample
 from tests.conftest import random_prompt
 from tests.serving import running_server
+from tests.test_prompt_api import registry_state
 from tests.training import (
     examples,
     one_torch_thread,  # noqa: F401 (an autouse fixture)
@@ -164,7 +165,7 @@ def test_similar_ranks_a_near_copy_first(tenants: Tenants, tiny: FrozenT5) -> No
 def test_bad_k_unknown_versions_and_other_tenants_are_refused(tenants: Tenants, tiny: FrozenT5) -> None:
     owner, other = tenants
     upload(owner, "sst2", random_prompt(4, tiny.d_model, seed=0))
-    before = owner.get("/v1/prompts").json(), owner.get("/v1/prompts/sst2").json()
+    before = registry_state(owner)
     for k in ("0", "101", "x", "-1"):
         for path in ("/v1/prompts/sst2/versions/1/nearest-tokens", "/v1/prompts/sst2/similar"):
             response = owner.get(path, params={"k": k})
@@ -176,7 +177,7 @@ def test_bad_k_unknown_versions_and_other_tenants_are_refused(tenants: Tenants, 
     assert error_code(owner.get("/v1/prompts/nope/similar")) == "not_found"
     response = other.get("/v1/prompts/sst2/versions/1/nearest-tokens")
     assert response.status_code == 404 and "owner" not in response.text
-    assert (owner.get("/v1/prompts").json(), owner.get("/v1/prompts/sst2").json()) == before
+    assert registry_state(owner) == before
 
 
 def test_python_clients_and_the_cli_read_the_same_answers(server: tuple[str, str, str], tiny: FrozenT5) -> None:
@@ -246,7 +247,7 @@ def test_transfer_init_starts_exactly_from_the_source(tenants: Tenants, tiny: Fr
 def test_transfer_refuses_a_task_the_caller_does_not_have(tenants: Tenants, tiny: FrozenT5) -> None:
     owner, other = tenants
     upload(owner, "source", random_prompt(4, tiny.d_model, seed=5))
-    before = owner.get("/v1/prompts").json()
+    before = registry_state(owner)
 
     for client, init_task in ((other, "source"), (owner, "source@2"), (owner, "nope")):
         response = client.post("/v1/training-jobs", json=transfer_job("target", init_task))
@@ -263,7 +264,7 @@ def test_transfer_refuses_a_task_the_caller_does_not_have(tenants: Tenants, tiny
 
     for client in (owner, other):  # nothing queued, nothing made
         assert client.get("/v1/training-jobs").json()["jobs"] == []
-    assert owner.get("/v1/prompts").json() == before
+    assert registry_state(owner) == before
     assert other.get("/v1/prompts").json()["prompts"] == []
 
 

@@ -279,8 +279,8 @@ def test_a_full_queue_sheds_before_the_body_is_read_and_only_when_full(tmp_path:
 def test_a_request_that_can_never_be_served_is_422_not_503(tmp_path: Path, tiny: FrozenT5) -> None:
     with serving(tmp_path, tiny, max_queue_size=8) as client:
         upload(client, "t", random_prompt(3, tiny.d_model, seed=0))
-        message = error(client.post("/v1/generate", json={"task_id": "t", "inputs": ["x"] * 100_000}), 422)
-        assert message == "100000 inputs in one request; the limit is 64"
+        message = error(client.post("/v1/generate", json={"task_id": "t", "inputs": ["x"] * 1000}), 422)
+        assert message == "1000 inputs in one request; the limit is 64"
         message = error(client.post("/v1/classify", json={"task_id": "t", "inputs": ["x"] * 10, "labels": ["a"]}), 422)
         assert message == "10 rows in one request; this server queues at most 8"
         assert client.post("/v1/generate", json={"task_id": "t", "inputs": ["x"] * 8}).status_code == 200

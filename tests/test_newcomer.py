@@ -29,6 +29,7 @@ from server.cli import build_parser, settings_from
 from server.errors import Unauthorized
 from server.settings import Settings
 from server.tenancy.keys import ApiKeys
+from tests.redis_server import RedisServer
 from tests.serving import free_port, wait_ready
 from tests.training import config, examples, jsonl, one_torch_thread  # noqa: F401 (an autouse fixture)
 
@@ -87,10 +88,13 @@ def test_serve_exits_with_one_line_when_the_model_cannot_load(tmp_path: Path, fl
     assert_one_error_line(run, why, flags[1])
 
 
-def test_worker_reads_dotenv_and_exits_with_one_line_when_the_model_cannot_load(tmp_path: Path) -> None:
-    """Without the `.env` (store=redis) the worker would refuse to start for another reason."""
+def test_worker_reads_dotenv_and_exits_with_one_line_when_the_model_cannot_load(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Without the `.env` (store=redis, a Redis that answers) the worker would refuse to start for another reason."""
     (tmp_path / ".env").write_text(
-        f"SOFTSERVE_STORE=redis\nSOFTSERVE_MODEL={tmp_path}/missing\nSOFTSERVE_DATA_DIR={tmp_path}/data\n"
+        f"SOFTSERVE_STORE=redis\nSOFTSERVE_REDIS_URL={redis_server.url}\nSOFTSERVE_MODEL={tmp_path}/missing\n"
+        f"SOFTSERVE_DATA_DIR={tmp_path}/data\n"
     )
     run = softserve("worker", cwd=tmp_path)
     assert_one_error_line(run, f"cannot load model '{tmp_path}/missing': no such directory")

@@ -111,7 +111,7 @@ class CompletionRequest(SamplingRequest):
     def top_logprobs_wanted(self) -> int | None:
         return self.logprobs
 
-    _unicode = field_validator("prompt")(unicode_texts)
+    _unicode = field_validator("prompt", mode="before")(unicode_texts)
 
     @field_validator("prompt")
     @classmethod
@@ -297,7 +297,7 @@ class EmbeddingRequest(StrictModel):
     user: str | None = Field(None, max_length=MAX_USER_CHARS, description="accepted; not used")
     normalize: bool = Field(True, description="softserve's own: unit length (OpenAI's embeddings are), or the raw mean")
 
-    _unicode = field_validator("input")(unicode_texts)
+    _unicode = field_validator("input", mode="before")(unicode_texts)
 
     @property
     def texts(self) -> list[str]:

@@ -93,10 +93,12 @@ class GenerateParameters(StrictModel):
     )
 
 
-def unicode_texts(texts: str | list[str] | None) -> str | list[str] | None:
-    """Inputs and labels go to the tokenizer: each must be valid Unicode (`text_problem`)."""
-    for i, text in enumerate([texts] if isinstance(texts, str) else texts or []):
-        problem = text_problem(text)
+def unicode_texts(texts: Any) -> Any:
+    """Inputs and labels go to the tokenizer: each must be valid Unicode (`text_problem`). Runs before the type
+    checks (whose own message for a lone surrogate does not say what is wrong); other values pass to them."""
+    items = [texts] if isinstance(texts, str) else texts if isinstance(texts, list) else []
+    for i, text in enumerate(items):
+        problem = text_problem(text) if isinstance(text, str) else None
         if problem:
             raise ValueError(problem if isinstance(texts, str) else f"item {i} {problem}")
     return texts
@@ -105,7 +107,7 @@ def unicode_texts(texts: str | list[str] | None) -> str | list[str] | None:
 class TextRequest(StrictModel):
     """Inputs and labels go to the tokenizer: they must be valid Unicode."""
 
-    _unicode = field_validator("inputs", "labels", check_fields=False)(unicode_texts)
+    _unicode = field_validator("inputs", "labels", check_fields=False, mode="before")(unicode_texts)
 
 
 class GenerateRequest(TextRequest):
