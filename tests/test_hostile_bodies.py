@@ -288,7 +288,8 @@ def test_70_trickling_sockets_from_one_address_keep_no_one_out(tmp_path: Path) -
             deadline = time.monotonic() + 5
             answered = 0
             while time.monotonic() < deadline:  # a fresh connection each time: each must find room
-                assert httpx.get(f"{url}/health", timeout=1.0).status_code == 200
+                health = httpx.get(f"{url}/health", timeout=1.0)
+                assert health.status_code == 200, health.text
                 generate = {"task_id": "t", "inputs": "x", "parameters": {"max_new_tokens": 2}}
                 response = httpx.post(f"{url}/v1/generate", json=generate, headers=other, timeout=1.0)
                 assert response.status_code == 200, response.text
