@@ -13,8 +13,8 @@ descriptor for ever, and enough of them take the server down. `GuardedH11Protoco
 - a cap on open connections, and one per client address: beyond `max_connections` (or
   `max_connections_per_client` from one address) the connections that have been stuck longest, waiting for
   a request head or in a body behind the minimum rate, are closed to make room, so stalled sockets never
-  keep real work out; when none is stuck, a request on a connection beyond the cap gets 503 and its
-  connection is closed.
+  keep real work out; when none is stuck, nor about to be within `WAIT_FOR_ROOM_S`, a request on a
+  connection beyond the cap gets 503 and its connection is closed.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # How far behind the minimum rate a body is stuck, rather than just begun (its first bytes on their way).
 STUCK_BEHIND_S = 0.1
+# How long a request beyond a cap waits for a connection in a body to fall behind the minimum rate, before 503.
+WAIT_FOR_ROOM_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -138,11 +140,16 @@ class GuardedH11Protocol(H11Protocol):
         newcomer); None while it is busy."""
         if self.waiting_for_head:
             return self.waiting_since
+        stuck_at = self.body_stuck_at()
+        return self._body_started_at if stuck_at is not None and self.loop.time() > stuck_at else None
+
+    def body_stuck_at(self) -> float | None:
+        """When this connection's body will be stuck if no more of it arrives; None when it is not in a body
+        the client is sending (or there is no minimum rate)."""
         started, rate = self._body_started_at, self.limits.min_body_bytes_per_s
         if self.conn.their_state is not h11.SEND_BODY or self.flow.read_paused or started is None or not rate:
             return None
-        behind_s = self.loop.time() - started - self._body_bytes / rate
-        return started if behind_s > STUCK_BEHIND_S else None
+        return started + self._body_bytes / rate + STUCK_BEHIND_S
 
     def _rearm(self) -> None:
         """Checks again at this connection's deadline, if it has one (`_on_deadline` moves it on as the
@@ -206,8 +213,20 @@ class GuardedH11Protocol(H11Protocol):
             return f"this client address has {cap} connections open, all busy (max_connections_per_client)"
         return None
 
+    def _soonest_stuck_peer_at(self) -> float | None:
+        """When the first of the connections this one competes with will be stuck, if none of them sends more."""
+        peers = self._others(self.client_host if self._over_client_cap else None)
+        return min((at for peer in peers if (at := peer.body_stuck_at()) is not None), default=None)
+
     async def _app_within_capacity(self, scope: Scope, receive: Receive, send: Send) -> None:
         refusal = self._refusal()
+        # Bodies that began a moment ago are not yet behind the minimum rate: one that is about to be waits for it.
+        give_up_at = self.loop.time() + WAIT_FOR_ROOM_S
+        while (
+            refusal is not None and (stuck_at := self._soonest_stuck_peer_at()) is not None and stuck_at <= give_up_at
+        ):
+            await asyncio.sleep(max(0.0, stuck_at - self.loop.time()) + 0.001)
+            refusal = self._refusal()
         if refusal is None:
             await self._application(scope, receive, send)
             return
