@@ -65,8 +65,8 @@ if str(REPO_ROOT) not in sys.path:
 from prompt_store import PromptFormat, dump_prompt  # noqa: E402
 from server.serving.model import Decoding, FrozenT5, Row, resolve_device, resolve_dtype  # noqa: E402
 from server.serving.tiny import build_tiny_t5  # noqa: E402
-from tests.checkpoints import save_checkpoint, t5_small_config  # noqa: E402
-from tests.serving import server_process  # noqa: E402
+from server.testing.checkpoints import save_checkpoint, t5_small_config  # noqa: E402
+from server.testing.processes import server_process  # noqa: E402
 
 MODEL_ID = "t5-small-shapes"
 PROMPT_LENGTH = 20

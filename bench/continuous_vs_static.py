@@ -51,8 +51,8 @@ from common import (
 )
 
 from server.serving.tiny import build_tiny_t5
-from tests.checkpoints import save_checkpoint, t5_small_config
-from tests.serving import server_process
+from server.testing.checkpoints import save_checkpoint, t5_small_config
+from server.testing.processes import server_process
 
 TARGET = 1.5
 TARGET_SHORT_LATENCY = 0.35

@@ -67,7 +67,7 @@ from common import (
 from decode_vs_generate import BATCH_SIZES, ENGINE, EngineLoop, same_tokens, tokens_per_s
 
 from server.serving.model import FrozenT5, Row
-from tests.checkpoints import save_checkpoint, t5_small_config
+from server.testing.checkpoints import save_checkpoint, t5_small_config
 
 TARGET = 1.0  # at every batch size
 CT2 = "ctranslate2"

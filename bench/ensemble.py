@@ -47,7 +47,7 @@ from common import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.serving.tiny import build_tiny_t5
-from tests.checkpoints import t5_small_config
+from server.testing.checkpoints import t5_small_config
 
 TARGET = 2.0
 MEMBERS = 5

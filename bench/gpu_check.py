@@ -21,9 +21,8 @@ from common import build_model  # puts the repository root on sys.path
 
 from server.serving.model import Decoding, FrozenT5, Row
 from server.settings import Settings
-from tests.conftest import random_prompt
-from tests.serving import running_server
-from tests.test_mixed_batch import INPUTS, PROMPT_LENGTHS, Alone, mixed_rows
+from server.testing.processes import running_server
+from server.testing.reference import INPUTS, PROMPT_LENGTHS, Alone, mixed_rows, random_prompt
 
 failures: list[str] = []
 
@@ -84,7 +83,7 @@ def main() -> None:
 
 def _t5_small() -> tuple:
     from server.serving.tiny import build_tiny_t5
-    from tests.checkpoints import t5_small_config
+    from server.testing.checkpoints import t5_small_config
 
     model, tokenizer = build_tiny_t5(t5_small_config())
     return model, tokenizer, "t5-small-shapes"

@@ -40,8 +40,8 @@ from common import (
 from prompt_store import PromptFormat, dump_prompt
 from server.serving.model import FrozenT5
 from server.settings import Settings
-from tests.redis_server import RedisServer
-from tests.serving import running_server
+from server.testing.processes import running_server
+from server.testing.redis_server import RedisServer
 
 TARGET_P50_MS = 100.0
 TARGET_P99_MS = 1000.0

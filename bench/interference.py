@@ -34,7 +34,7 @@ from common import markdown_table, parser, percentile, publish, random_prompts, 
 
 from prompt_store import PromptFormat, dump_prompt
 from server.tenancy.keys import ApiKeys
-from tests.serving import server_process
+from server.testing.processes import server_process
 
 GAP_TARGET = 3.0
 SHORT_TARGET = 5.0

@@ -30,7 +30,7 @@ from common import interleaved, markdown_table, parser, publish, random_prompts,
 
 from prompt_store import DiskStore, SoftPrompt
 from server.tenancy.keys import ApiKeys
-from tests.serving import server_process
+from server.testing.processes import server_process
 
 TARGET = 2.0  # loaded p50 ÷ idle p50, at most
 CROWD_TASKS = 1500

@@ -51,8 +51,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prompt_store import RedisStore, SoftPrompt
 from server.serving.model import Decoding, FrozenT5
 from server.settings import Settings
-from tests.redis_server import RedisServer
-from tests.serving import running_server
+from server.testing.processes import running_server
+from server.testing.redis_server import RedisServer
 
 TARGET = 0.9
 CLIENTS = 64

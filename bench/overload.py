@@ -43,7 +43,7 @@ from common import (
 )
 
 from server.serving.tiny import build_tiny_t5
-from tests.checkpoints import t5_small_config
+from server.testing.checkpoints import t5_small_config
 
 TARGET = 0.9
 TASKS = 32

@@ -24,8 +24,8 @@ from common import OMP_WAIT_POLICY, parser, publish, results_file
 
 from server.serving.model import FrozenT5, resolve_device, resolve_dtype
 from server.serving.tiny import build_tiny_t5
+from server.testing.checkpoints import t5_small_config
 from server.training import ADAFACTOR_SETTINGS, PromptTrainer, TrainingConfig
-from tests.checkpoints import t5_small_config
 
 CpuBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -60,8 +60,8 @@ from common import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.serving.tiny import build_tiny_t5, tiny_config
-from tests.checkpoints import t5_small_config
-from tests.serving import server_process
+from server.testing.checkpoints import t5_small_config
+from server.testing.processes import server_process
 
 CLIENTS = 8
 TASKS = 4

@@ -463,8 +463,14 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 # Runs a bench script as `python script.py` would, but a Ctrl-C ends it without a traceback (its `finally`
 # blocks, which stop the servers it started, still run as the interrupt unwinds).
+# The script runs in a process group of its own, so a Ctrl-C reaches `softserve bench` only, which asks the script
+# to stop with SIGTERM: the script turns it into KeyboardInterrupt and stops its servers. A SIGTERM that comes before
+# the handler is set (the interpreter still starting, nothing started yet) ends it at once, with no traceback.
 RUN_QUIETLY_ON_CTRL_C = """
-import os, runpy, sys
+import os, runpy, signal, sys
+def interrupted(*_):
+    raise KeyboardInterrupt
+signal.signal(signal.SIGTERM, interrupted)
 sys.argv = sys.argv[1:]
 sys.path[0] = os.path.dirname(sys.argv[0])
 try:
@@ -484,11 +490,18 @@ def bench(args: argparse.Namespace) -> None:
         raise CommandError(
             f"no benchmark {args.name!r} in {BENCH_DIR}; available: {', '.join(available) or 'none'}", EXIT_USAGE
         )
-    script_run = subprocess.Popen([sys.executable, "-c", RUN_QUIETLY_ON_CTRL_C, str(script), *args.bench_args])
+    command = [sys.executable, "-c", RUN_QUIETLY_ON_CTRL_C, str(script), *args.bench_args]
+    script_run = subprocess.Popen(command, process_group=0)
     try:
         sys.exit(script_run.wait())
-    except KeyboardInterrupt:  # the script got the Ctrl-C too (one process group): it stops its servers first
-        script_run.wait()
+    except KeyboardInterrupt:
+        script_run.terminate()
+        while True:
+            try:
+                script_run.wait()
+                break
+            except KeyboardInterrupt:  # a second Ctrl-C while it stops its servers: they stop all the same
+                continue
         raise CommandError(f"bench {args.name} interrupted", EXIT_INTERRUPTED) from None
 
 

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from server.serving.model import FrozenT5
 from server.settings import Settings
@@ -38,11 +37,6 @@ def base_url(settings: Settings, tiny: FrozenT5) -> Iterator[str]:
 def client(base_url: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=base_url, timeout=30) as http:
         yield http
-
-
-def random_prompt(length: int, d_model: int, seed: int, scale: float = 3.0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(length, d_model, generator=generator) * scale
 
 
 @pytest.fixture(scope="session")

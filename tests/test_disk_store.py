@@ -9,7 +9,7 @@ import torch
 
 from prompt_store import DiskStore, SoftPrompt, TaskMetadata, TaskNotFound, VersionNotFound
 from prompt_store.atomic import write_atomically
-from tests.conftest import random_prompt
+from server.testing.reference import random_prompt
 
 D = 16
 

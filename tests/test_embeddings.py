@@ -14,10 +14,9 @@ from server.client import SoftserveClient
 from server.serving.model import FrozenT5, Row
 from server.settings import Settings
 from server.tenancy.keys import ApiKeys
-from tests.conftest import random_prompt
+from server.testing.reference import TOLERANCE, Alone, random_prompt
 from tests.serving import running_server
 from tests.test_inference_api import upload
-from tests.test_mixed_batch import TOLERANCE, Alone
 
 TEXTS = ["a gorgeous, witty film", "x", "the plot is thin, and the acting worse"]
 

@@ -33,7 +33,7 @@ from server.engine.protocol import (
 )
 from server.serving.decoder import LeanDecoder
 from server.serving.model import FrozenT5, Row
-from tests.test_mixed_batch import TOLERANCE, Alone, mixed_rows
+from server.testing.reference import TOLERANCE, Alone, mixed_rows
 
 LIMITS = EngineLimits(max_active_rows=64, max_cached_tokens=1 << 20, max_batch_size=32, max_batch_tokens=16384)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from server.serving.model import FrozenT5
-from tests.conftest import random_prompt
+from server.testing.reference import random_prompt
 from tests.prometheus import metric, wait_for_metric
 from tests.serving import server_process
 from tests.test_hostile_inference import (

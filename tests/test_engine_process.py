@@ -43,7 +43,7 @@ from server.engine.protocol import (
 from server.engine.wire import EventBatch, Hello, Ping, Submit, WireError, decode, encode
 from server.serving.model import Decoding, FrozenT5, Row
 from server.settings import Settings
-from tests.conftest import random_prompt
+from server.testing.reference import random_prompt
 from tests.serving import free_port
 
 FINAL = (Finished, Scores, Generated, Failed)

@@ -58,7 +58,7 @@ from server.engine.wire import (
 )
 from server.metrics import ServerMetrics
 from server.serving.model import FrozenT5
-from tests.conftest import random_prompt
+from server.testing.reference import random_prompt
 from tests.serving import free_port
 from tests.test_engine_process import (
     Recorder,

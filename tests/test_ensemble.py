@@ -24,13 +24,12 @@ from server.client import AsyncSoftserveClient, SoftserveClient
 from server.jobs.store import DiskJobStore
 from server.serving.model import Decoding, FrozenT5, Generation, Row
 from server.settings import Settings
+from server.testing.reference import Alone, random_prompt
 from server.training import PromptTrainer, TrainingConfig
-from tests.conftest import random_prompt
 from tests.prometheus import metric
 from tests.redis_server import RedisServer
 from tests.serving import running_server
 from tests.test_inference_api import upload
-from tests.test_mixed_batch import Alone
 from tests.training import config as training_config
 from tests.training import (
     examples,

@@ -22,8 +22,8 @@ from server.jobs.dataset import Dataset
 from server.serving.model import FrozenT5
 from server.settings import Settings
 from server.tenancy.keys import ApiKeys
+from server.testing.reference import random_prompt
 from server.training import PromptTrainer, TrainingConfig, TrainingExample
-from tests.conftest import random_prompt
 from tests.serving import running_server
 from tests.test_prompt_api import registry_state
 from tests.training import (

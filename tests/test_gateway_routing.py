@@ -16,7 +16,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.serving.model import FrozenT5
-from tests.conftest import random_prompt
+from server.testing.reference import random_prompt
 from tests.prometheus import metric, wait_for_metric
 from tests.redis_server import RedisServer
 from tests.serving import server_process

@@ -19,7 +19,7 @@ import torch
 from prompt_store import DiskStore, SoftPrompt, TaskMetadata
 from server.serving.model import Decoding, FrozenT5, Row
 from server.settings import Settings
-from tests.conftest import random_prompt
+from server.testing.reference import random_prompt
 from tests.prometheus import metric, wait_for_metric
 from tests.serving import running_server
 from tests.test_inference_api import direct_generate, upload

@@ -24,7 +24,7 @@ import torch
 from prompt_store import DiskStore, RedisStore, SoftPrompt, TaskMetadata, TaskRecord
 from prompt_store.redis_scripts import MAX_DELETE_RECORDS as MAX_DELETES
 from server.serving.model import FrozenT5
-from tests.conftest import random_prompt
+from server.testing.reference import random_prompt
 from tests.prometheus import metric
 from tests.redis_server import RedisServer
 from tests.test_hot_loading import classify, eventually, new_prompt, replica, served, serving, upload

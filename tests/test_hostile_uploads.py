@@ -31,7 +31,7 @@ from server.registry.service import PromptService
 from server.serving.model import FrozenT5
 from server.settings import Settings
 from server.tenancy.quotas import TaskQuota
-from tests.conftest import random_prompt
+from server.testing.reference import random_prompt
 from tests.serving import running_server
 from tests.test_prompt_api import (
     D_TINY,

@@ -24,7 +24,7 @@ from prompt_store import DiskStore, RedisStore, SoftPrompt
 from server.components import preload_task_keys
 from server.serving.model import FrozenT5
 from server.settings import Settings
-from tests.conftest import random_prompt
+from server.testing.reference import random_prompt
 from tests.prometheus import metric
 from tests.redis_server import RedisServer
 from tests.serving import running_server

@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 
 from server.serving.model import Decoding, FrozenT5, Row
-from tests.conftest import random_prompt
+from server.testing.reference import random_prompt
 
 
 def upload(client: httpx.Client, task_id: str, prompt: torch.Tensor, **metadata: object) -> dict:

@@ -4,7 +4,8 @@ From the bottom: `prompt_store` (its own package); the domain packages of `serve
 tenancy, jobs, training) with the modules every layer shares (errors, metrics, strict_json); then the HTTP
 layer (`server.api`); then the composition roots (components, backend, worker, app, cli, and the engine
 process's entry point and link), the only
-modules that read `Settings`. Imports are read with `ast` from the source, including those inside functions.
+modules that read `Settings`; above them all, the harness the tests and benchmarks share (`server.testing`),
+which nothing of the server imports. Imports are read with `ast` from the source, including those inside functions.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ ROOTS = (
     "server.engine.process",
     "server.engine.process_link",
 )
-READ_SETTINGS = {*ROOTS, "server.settings"}
+# Above the roots: the harness the tests and benchmarks share (servers on free ports, checkpoints); it builds apps
+# from settings, and nothing of the server imports it.
+HARNESS = "server.testing"
+READ_SETTINGS = {*ROOTS, "server.settings", f"{HARNESS}.processes"}
 
 
 def module_name(path: Path) -> str:
@@ -98,6 +102,13 @@ def test_only_the_composition_roots_read_the_settings() -> None:
     readers = {importer.split(" -> ")[0] for importer in arrows(("server", "prompt_store"), ("server.settings",))}
     assert "server.components" in readers
     assert readers <= READ_SETTINGS, sorted(readers - READ_SETTINGS)
+
+
+def test_the_server_never_imports_its_test_harness() -> None:
+    importers = [
+        a for a in arrows(("server", "prompt_store"), (HARNESS,)) if not within(a.split(" -> ")[0], (HARNESS,))
+    ]
+    assert importers == []
 
 
 def test_training_knows_neither_jobs_nor_redis() -> None:

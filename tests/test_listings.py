@@ -28,7 +28,7 @@ from server.client import LIST_PAGE_SIZE, AsyncSoftserveClient, SoftserveClient
 from server.serving.model import FrozenT5
 from server.settings import Settings
 from server.tenancy.keys import ApiKeys
-from tests.conftest import random_prompt
+from server.testing.reference import random_prompt
 from tests.redis_server import RedisServer
 from tests.serving import running_server
 

@@ -14,7 +14,7 @@ import pytest
 from server.serving.model import FrozenT5
 from server.settings import Settings
 from server.tenancy.keys import ApiKeys
-from tests.conftest import random_prompt
+from server.testing.reference import random_prompt
 from tests.serving import running_server
 from tests.test_inference_api import upload
 from tests.test_streaming import stream

@@ -19,7 +19,7 @@ from server.engine.link import Deliver, Down, Up
 from server.engine.protocol import ClassifyRow, EngineRequest, GenerateRow, Joined, RowInput, Sampling, StepStats
 from server.metrics import TASK_INFO_LABELS, ServerMetrics
 from server.serving.model import FrozenT5
-from tests.conftest import random_prompt
+from server.testing.reference import random_prompt
 from tests.prometheus import metric, wait_for_metric
 from tests.serving import server_process
 from tests.test_engine_http import UNENDING, UNENDING_LIMITS

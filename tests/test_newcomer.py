@@ -347,8 +347,10 @@ def child_pids(pid: int) -> list[int]:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def test_ctrl_c_in_bench_ends_it_with_one_line(tmp_path: Path) -> None:
-    """Ctrl-C reaches the terminal's whole process group: the CLI and the bench script it runs."""
+@pytest.mark.parametrize("moment", ["as_the_script_starts", "once_it_runs_its_servers"])
+def test_ctrl_c_in_bench_ends_it_with_one_line_and_leaves_no_process(tmp_path: Path, moment: str) -> None:
+    """Ctrl-C reaches the terminal's whole process group: the CLI, which stops the bench script it runs (in a group
+    of its own), whether its interpreter is still starting or it already runs servers (hot_load's redis-server)."""
     cli = subprocess.Popen(
         [*SOFTSERVE, "bench", "hot_load", "--quick"],
         cwd=tmp_path,
@@ -357,15 +359,22 @@ def test_ctrl_c_in_bench_ends_it_with_one_line(tmp_path: Path) -> None:
         text=True,
         start_new_session=True,  # a group of its own, as a terminal's foreground job
     )
-    deadline = time.monotonic() + 60
-    while not child_pids(cli.pid) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 120
+    while not (scripts := child_pids(cli.pid)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert scripts, "the bench script never started"
+    servers: list[int] = []
+    while moment == "once_it_runs_its_servers" and not servers and time.monotonic() < deadline:
+        servers = child_pids(scripts[0])
         time.sleep(0.05)
-    assert child_pids(cli.pid), "the bench script never started"
+    assert servers or moment == "as_the_script_starts", "the bench script started no server"
     os.killpg(cli.pid, signal.SIGINT)
     _, stderr = cli.communicate(timeout=120)
     assert cli.returncode == 130, stderr
     assert "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == "error: bench hot_load interrupted", stderr
+    for pid in [*scripts, *servers]:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), pid
 
 
 def test_serve_says_which_engine_it_waits_for(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from server.serving.model import FrozenT5
 from server.serving.stop_strings import StopCutter
 from server.settings import Settings
 from server.tenancy.keys import ApiKeys
-from tests.conftest import random_prompt
+from server.testing.reference import random_prompt
 from tests.prometheus import metric
 from tests.serving import running_server, server_process
 from tests.test_hot_loading import eventually

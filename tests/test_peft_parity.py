@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase, T5ForConditionalGeneration
 from server.serving.model import FrozenT5, Row
 from server.serving.tiny import build_tiny_t5
 from server.settings import Settings
-from tests.conftest import random_prompt
+from server.testing.reference import random_prompt
 from tests.serving import running_server
 
 NUM_VIRTUAL_TOKENS = 6

@@ -24,7 +24,7 @@ from prompt_store import (
     TaskRecord,
     VersionNotFound,
 )
-from tests.conftest import random_prompt
+from server.testing.reference import random_prompt
 from tests.redis_server import RedisServer
 
 D = 16

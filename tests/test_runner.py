@@ -8,7 +8,7 @@ import torch
 from server.errors import Overloaded
 from server.serving.batch_runner import BatchRunner, GenerateWork
 from server.serving.model import Decoding, FrozenT5, Generation, Row
-from tests.conftest import random_prompt
+from server.testing.reference import random_prompt
 
 
 class RecordingModel:

@@ -21,7 +21,7 @@ import pytest
 from server.client import AsyncSoftserveClient, SoftserveClient, SoftserveError
 from server.serving.model import Decoding, FrozenT5, Row
 from server.settings import Settings
-from tests.conftest import random_prompt
+from server.testing.reference import random_prompt
 from tests.prometheus import metric
 from tests.serving import running_server
 from tests.test_hot_loading import eventually

@@ -27,10 +27,9 @@ from server.serving.grammar import grammar_text
 from server.serving.model import FrozenT5
 from server.settings import Settings
 from server.tenancy.keys import ApiKeys
-from tests.conftest import random_prompt
+from server.testing.reference import Alone, mixed_rows, random_prompt
 from tests.serving import running_server
 from tests.test_inference_api import upload
-from tests.test_mixed_batch import Alone, mixed_rows
 
 NAMES = st.text(alphabet=string.ascii_lowercase, min_size=1, max_size=5)
 LEAVES = st.one_of(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import random_prompt
+from server.testing.reference import random_prompt
 
 LABELS = ["yes", "no"]
 FINAL = ("succeeded", "failed", "cancelled")
