@@ -38,10 +38,15 @@ redis:
 run: install
 	$(BIN)/softserve serve
 
+# The tests that assert no time bound run on TEST_WORKERS processes at once (pytest-xdist); those marked `timing`
+# then run alone, one at a time, so that nothing else on the machine moves their bounds.
+TEST_WORKERS ?= 2
+
 test: install-test redis
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not timing"
+	$(BIN)/python -m pytest -q -m timing
 
 lint:
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

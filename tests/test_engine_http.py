@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 
 from server.serving.model import FrozenT5
 from server.testing.reference import random_prompt
@@ -54,6 +55,7 @@ def test_a_full_engine_sheds_before_the_body_is_read(tmp_path: Path, tiny: Froze
         assert client.post("/v1/generate", json={"task_id": "t", "inputs": ["x"] * 4}).status_code == 200
 
 
+@pytest.mark.timing
 def test_a_deadline_mid_generation_is_504_and_the_row_leaves(tmp_path: Path, tiny: FrozenT5) -> None:
     with serving(tmp_path, tiny, request_timeout_s=0.5, **UNENDING_LIMITS) as client:
         upload(client, "t", random_prompt(5, tiny.d_model, seed=1))
@@ -85,6 +87,7 @@ def test_many_long_requests_wait_for_memory_and_all_finish(tmp_path: Path, tiny:
         assert metric(text, "softserve_batch_size_bucket", le="2.0") == metric(text, "softserve_batch_size_count")
 
 
+@pytest.mark.timing
 def test_classify_does_not_wait_behind_long_generations(tmp_path: Path, tiny: FrozenT5) -> None:
     """A classify request while long generations run takes at most about one decoder step more than idle:
     within 2x its idle latency (a ratio on one machine, medians of 25). `softserve serve` as deployed: the

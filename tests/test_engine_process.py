@@ -265,6 +265,7 @@ def test_a_child_that_cannot_load_its_model_fails_start_with_the_reason(tmp_path
     asyncio.run(scenario())
 
 
+@pytest.mark.timing
 def test_a_killed_child_is_reported_down_then_restarted_and_serves_again(tiny: FrozenT5) -> None:
     async def scenario() -> None:
         async with linked(engine_settings()) as (link, recorder):

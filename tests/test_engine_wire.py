@@ -469,6 +469,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.timing
 def test_a_client_that_falls_silent_loses_its_own_rows_only(
     curve_engine: tuple[str, Path, subprocess.Popen[bytes]], tiny: FrozenT5, tmp_path: Path
 ) -> None:

@@ -26,7 +26,8 @@ from prompt_store import (
     load_prompt_bytes,
     validate_prompt,
 )
-from tests.conftest import REAL_PROMPTS, random_prompt
+from server.testing.reference import random_prompt
+from tests.conftest import REAL_PROMPTS
 
 REAL_PROMPT_FILES = sorted(REAL_PROMPTS.glob("*.npy"))
 

@@ -31,6 +31,9 @@ from tests.serving import server_process
 from tests.test_hostile_http import GIVE_UP_S, closed_by_server, connect, npy_bytes
 
 FAST_FLAGS = ("--warmup", "false")
+# Where only the front door is tested, the engine runs as a thread: its process would cost a start-up (seconds of
+# CPU) and test nothing more.
+FRONT_DOOR_FLAGS = (*FAST_FLAGS, "--engine", "thread")
 BIG = 60 * 1024 * 1024
 HEALTH_P99_S = 0.25  # the old code stalled /health 7-10 s on one such body; a loaded 2-core CI box needs slack
 
@@ -183,6 +186,7 @@ def upload_prompt(url: str, task_id: str = "t", headers: dict[str, str] | None =
 # --- bounded parsing ------------------------------------------------------------------------------
 
 
+@pytest.mark.timing
 def test_60_mb_bodies_of_every_shape_are_refused_without_stalling_the_server(tmp_path: Path) -> None:
     with server_process(tmp_path, *FAST_FLAGS) as (process, url):
         upload_prompt(url)
@@ -205,6 +209,7 @@ def test_60_mb_bodies_of_every_shape_are_refused_without_stalling_the_server(tmp
         assert response.status_code == 200, response.text
 
 
+@pytest.mark.timing
 def test_bodies_under_the_byte_limit_with_millions_of_values_are_refused_before_parsing(tmp_path: Path) -> None:
     json_limit = Settings().max_inputs_per_request * 4 * 64 * Settings().max_input_tokens  # the derived default
     with server_process(tmp_path, *FAST_FLAGS) as (_, url):
@@ -226,7 +231,7 @@ def test_commas_and_brackets_inside_strings_are_not_values(tmp_path: Path) -> No
     """Text full of JSON punctuation is an input like any other: the value count skips strings."""
     text = '[{"a": 1}, [2, 3]], ' * 200  # 4,000 characters, 1,200 of them brackets and commas
     body = {"task_id": "t", "inputs": [text] * 64, "parameters": {"max_new_tokens": 1}}
-    with server_process(tmp_path, *FAST_FLAGS, "--max-json-values", "1000") as (_, url):
+    with server_process(tmp_path, *FRONT_DOOR_FLAGS, "--max-json-values", "1000") as (_, url):
         upload_prompt(url)
         response = httpx.post(f"{url}/v1/generate", json=body, timeout=GIVE_UP_S)
         assert response.status_code in (200, 422), response.text
@@ -269,6 +274,7 @@ def trickler(url: str, count: int, every_s: float, stop: threading.Event) -> thr
     return thread
 
 
+@pytest.mark.timing
 def test_70_trickling_sockets_from_one_address_keep_no_one_out(tmp_path: Path) -> None:
     """At the caps, bodies behind the minimum rate are closed before anyone is refused (the deadlines are set far
     off here, so only the caps can help)."""
@@ -309,6 +315,7 @@ def trickle_body(sock: socket.socket, every_s: float, stop: threading.Event) -> 
     return thread
 
 
+@pytest.mark.timing
 def test_a_body_behind_the_minimum_rate_or_past_its_deadline_is_closed(tmp_path: Path) -> None:
     """Each byte used to move the body's deadline on: a byte every 0.2 s held a connection for ever."""
     rate = ("--min-body-bytes-per-s", "50", "--body-rate-grace-s", "1", "--body-deadline-s", "3")
@@ -346,7 +353,7 @@ def test_one_address_gets_at_most_its_cap_of_busy_connections(tmp_path: Path) ->
     """Busy connections (bodies arriving fast enough) are not closed to make room: the address's next request
     gets 503 `too_many_connections`, while another address is served."""
     flags = ("--max-connections-per-client", "4", "--min-body-bytes-per-s", "5", "--body-rate-grace-s", "1")
-    with server_process(tmp_path, *FAST_FLAGS, *flags) as (_, url):
+    with server_process(tmp_path, *FRONT_DOOR_FLAGS, *flags) as (_, url):
         busy = [connect(url) for _ in range(4)]
         stop = threading.Event()
         senders = []
@@ -389,7 +396,7 @@ def test_a_full_queue_sheds_before_the_body_is_read(tmp_path: Path, path: str) -
     """The 503 comes while the body is still unsent (it never will be), and the connection stays usable."""
     queue = ("--max-queue-size", "1", "--shed-delay-ms", "0", "--max-active-rows", "1")
     long_rows = ("--max-new-tokens", "4096", "--max-beam-tokens", "4096")
-    with server_process(tmp_path, *FAST_FLAGS, *queue, *long_rows) as (_, url):
+    with server_process(tmp_path, *FRONT_DOOR_FLAGS, *queue, *long_rows) as (_, url):
         upload_prompt(url)
         long_row = {"task_id": "t", "inputs": "x", "parameters": {"max_new_tokens": 4096, "ignore_eos": True}}
         holder = threading.Thread(

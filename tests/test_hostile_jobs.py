@@ -440,6 +440,7 @@ def in_flight(request: Any) -> Iterator[threading.Thread]:
         thread.join(timeout=120)
 
 
+@pytest.mark.timing
 def test_a_big_jsonl_upload_is_parsed_off_the_event_loop(tmp_path: Path, tiny: FrozenT5) -> None:
     settings = hostile_settings(tmp_path / "data", max_body_bytes=16 * 1024 * 1024)
     rows = 200_000  # ~2 s of parsing; the last line is bad, so the answer comes right after the parse

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
 from server.tenancy.keys import ApiKeys
 from tests.serving import server_process
@@ -137,6 +138,7 @@ def victim_latencies(client: httpx.Client, count: int) -> list[float]:
     return latencies
 
 
+@pytest.mark.timing
 def test_a_hostile_tenant_pausing_10ms_between_attacks_cannot_break_the_server_or_slow_another_tenant(
     tmp_path: Path,
 ) -> None:

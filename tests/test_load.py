@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
 from server.tenancy.keys import ApiKeys
 from tests.prometheus import metric
@@ -75,6 +76,7 @@ def test_overload_sheds_with_503_and_serves_every_accepted_request_correctly(tmp
             assert generate(client, "task0", INPUTS).status_code == 200
 
 
+@pytest.mark.timing
 def test_a_flooding_tenant_does_not_starve_a_quiet_one(tmp_path: Path) -> None:
     """The engine admits rows round-robin across tenants: B waits for at most the rows in flight and its own,
     never behind A's whole queue. Compared with B's latency on the same server when idle."""

@@ -24,7 +24,8 @@ import torch
 from prompt_store import PromptFormat, dump_prompt, load_prompt_bytes
 from server.serving.model import FrozenT5
 from server.settings import Settings
-from tests.conftest import REAL_PROMPTS, random_prompt
+from server.testing.reference import random_prompt
+from tests.conftest import REAL_PROMPTS
 from tests.serving import running_server
 
 D_TINY = 64

@@ -250,6 +250,7 @@ def test_a_write_to_an_emptied_redis_rebuilds_it_first(store: RedisStore, redis_
     assert store.get_task("acme", "rte").active_version == 2
 
 
+@pytest.mark.timing
 def test_while_redis_is_down_reads_use_the_mirror_and_writes_are_refused(
     store: RedisStore, redis_server: RedisServer
 ) -> None:
@@ -321,6 +322,7 @@ def test_records_read_while_writing_are_never_half_written(store: RedisStore) ->
         assert record.active_version == record.versions[-1].version == len(record.versions)
 
 
+@pytest.mark.timing
 def test_unreachable_redis_fails_fast(tmp_path: Path) -> None:
     store = RedisStore("redis://127.0.0.1:1/0", DiskStore(tmp_path / "m"))
     started = time.monotonic()

@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers.optimization import Adafactor
 
 from prompt_store import SoftPrompt, validate_prompt
 from prompt_store.atomic import write_atomically
@@ -261,6 +260,10 @@ class PromptTrainer:
                 f"initial prompt has shape {list(init.shape)}; expected [{cfg.prompt_length}, {model.d_model}]"
             )
         self.prompt = torch.nn.Parameter(init.to(device=model.device, dtype=torch.float32).clone())
+        # Imported here: `transformers.optimization` imports its trainer's utilities, and those import PEFT where it is
+        # installed, about 3 s of every server process's start-up for a module only a training job needs.
+        from transformers.optimization import Adafactor
+
         self.optimizer = Adafactor([self.prompt], **cfg.adafactor_kwargs())
         self._prompt_mask: dict[tuple[int, int], torch.Tensor] = {}
         self.step = 0
