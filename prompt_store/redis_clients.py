@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -33,5 +34,6 @@ def connect_async(url: str, timeout_s: float, *, retries: int = 0) -> aioredis.R
         url,
         socket_connect_timeout=timeout_s,
         socket_timeout=timeout_s,
-        retry=Retry(NoBackoff(), retries, supported_errors=(redis.ConnectionError,)),
+        # asyncio's own Retry: redis-py converts a sync one with a UserWarning on stderr for every client.
+        retry=AsyncRetry(NoBackoff(), retries, supported_errors=(redis.ConnectionError,)),
     )
