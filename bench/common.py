@@ -16,6 +16,10 @@ first on purpose, for its raw side. Every result records the policy its process 
 Every result is printed as one JSON line, last, and written to `bench/results/NAME.json`
 (`NAME-cuda.json` on a GPU), so a figure in the README can be traced to the run that printed it. A
 `--quick` run writes nowhere unless `--results-dir` is given: smoke numbers must not replace real ones.
+
+A `--quick` run is a smoke run: it runs every code path of its bench end to end, and prints the same tables and
+JSON fields, but on the built-in `tiny` model's shapes instead of t5-small's (`model_config`), with the fewest
+rounds and the shortest phases: what is left of its time is mostly imports and the start of its servers.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 POLICY_BEFORE_SERVER = os.environ.get("OMP_WAIT_POLICY")
 """The wait policy of the environment the bench was started in, before `import server` set the server's."""
@@ -51,6 +55,7 @@ import server  # noqa: E402, F401  (sets the OpenMP wait policy the server runs 
 # isort: split
 import httpx  # noqa: E402
 import torch  # noqa: E402
+from transformers import ByT5Tokenizer, T5Config  # noqa: E402
 
 OMP_WAIT_POLICY = (
     POLICY_BEFORE_SERVER if TORCH_LOADED_BEFORE_SERVER else os.environ.get("OMP_WAIT_POLICY")
@@ -64,11 +69,11 @@ if str(REPO_ROOT) not in sys.path:
 
 from prompt_store import PromptFormat, dump_prompt  # noqa: E402
 from server.serving.model import Decoding, FrozenT5, Row, resolve_device, resolve_dtype  # noqa: E402
-from server.serving.tiny import build_tiny_t5  # noqa: E402
+from server.serving.tiny import build_tiny_t5, tiny_config  # noqa: E402
 from server.testing.checkpoints import save_checkpoint, t5_small_config  # noqa: E402
-from server.testing.processes import server_process  # noqa: E402
 
 MODEL_ID = "t5-small-shapes"
+QUICK_MODEL_ID = "tiny"  # the built-in preset, as `FrozenT5.load("tiny")` names it
 PROMPT_LENGTH = 20
 INPUT_TOKENS = 32  # `</s>` included
 MAX_NEW_TOKENS = 4
@@ -143,13 +148,43 @@ def publish(result: dict[str, object], destination: Path | None) -> None:
         destination.write_text(line + "\n")
 
 
-def build_model(device: str = "cpu", threads: int | None = None, dtype: str = "auto") -> FrozenT5:
-    """A random model with t5-small-lm-adapt's shapes (and the byte tokenizer), built in-process."""
+def model_config(quick: bool) -> T5Config:
+    """The shapes of a run's random model: t5-small-lm-adapt's, or in a `--quick` run the built-in `tiny`
+    preset's. A smoke run only checks that every code path of the bench runs end to end; its numbers are not
+    results, so it need not pay for t5-small's 8+8 layers and 32128-row vocabulary."""
+    return tiny_config() if quick else t5_small_config()
+
+
+def model_name(quick: bool) -> str:
+    """What a result records as the model of `model_config(quick)`."""
+    return QUICK_MODEL_ID if quick else MODEL_ID
+
+
+def build_model(device: str = "cpu", threads: int | None = None, dtype: str = "auto", quick: bool = False) -> FrozenT5:
+    """A random model with t5-small-lm-adapt's shapes (`quick`: the `tiny` preset's, see `model_config`) and the
+    byte tokenizer, built in-process."""
     if threads:
         torch.set_num_threads(threads)
     target = resolve_device(device)
-    model, tokenizer = build_tiny_t5(t5_small_config())
-    return FrozenT5(model, tokenizer, MODEL_ID, target, resolve_dtype(dtype, target))
+    model, tokenizer = build_tiny_t5(model_config(quick))
+    return FrozenT5(model, tokenizer, model_name(quick), target, resolve_dtype(dtype, target))
+
+
+class Tokenizes(Protocol):
+    """What `input_texts` needs of a model: token ids of each text, `</s>` included."""
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]: ...
+
+
+class ByteTokens:
+    """The tokenizer of every model here (ByT5's bytes: `tiny` and the t5-small-shaped checkpoints), for a bench
+    whose model runs in a server process: it counts tokens as `FrozenT5.tokenize` does, without a model."""
+
+    def __init__(self) -> None:
+        self._tokenizer = ByT5Tokenizer()
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self._tokenizer(texts, add_special_tokens=True)["input_ids"]
 
 
 def random_prompts(count: int, d_model: int, seed: int, length: int = PROMPT_LENGTH) -> list[torch.Tensor]:
@@ -160,10 +195,12 @@ def random_prompts(count: int, d_model: int, seed: int, length: int = PROMPT_LEN
 
 @contextmanager
 def checkpoint_server(workdir: Path, options: argparse.Namespace, *flags: str) -> Iterator[tuple[Path, int, str]]:
-    """Saves a random model with t5-small's shapes as a checkpoint under `workdir` and serves it with a real
-    `softserve serve` process (its own OpenMP policy and threads, as deployed), `max_batch_size` 32.
-    Yields the checkpoint, the server's process id and its URL."""
-    checkpoint = save_checkpoint(t5_small_config(), workdir / "model")
+    """Saves a random model with t5-small's shapes (a quick run: `tiny`'s, see `model_config`) as a checkpoint
+    under `workdir` and serves it with a real `softserve serve` process (its own OpenMP policy and threads, as
+    deployed), `max_batch_size` 32. Yields the checkpoint, the server's process id and its URL."""
+    from server.testing.processes import server_process  # here: it loads the app, which in-process benches skip
+
+    checkpoint = save_checkpoint(model_config(options.quick), workdir / "model")
     flags = ("--model", str(checkpoint), "--device", options.device, "--dtype", options.dtype, *flags)
     with server_process(workdir / "data", "--max-batch-size", str(BATCH_SIZE), *flags, timeout_s=300) as (process, url):
         yield checkpoint, process.pid, url
@@ -177,7 +214,7 @@ def upload_prompts(base_url: str, task_ids: Sequence[str], prompts: Sequence[tor
             http.put(f"/v1/prompts/{task_id}", files={"file": ("prompt.safetensors", data)}).raise_for_status()
 
 
-def input_texts(model: FrozenT5, count: int, seed: int, tokens: int = INPUT_TOKENS) -> list[str]:
+def input_texts(model: Tokenizes, count: int, seed: int, tokens: int = INPUT_TOKENS) -> list[str]:
     """`count` different texts of random words, each exactly `tokens` tokens long (`</s>` included)."""
     rng = random.Random(seed)
     texts = []
@@ -320,7 +357,7 @@ def report(
 
 def environment(model: FrozenT5, quick: bool) -> dict[str, object]:
     return {
-        "model": MODEL_ID,
+        "model": model_name(quick),
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),

@@ -31,16 +31,18 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import common  # noqa: F401  (before torch: the server's OpenMP wait policy, see common.py)
 from common import (
+    ByteTokens,
     Comparison,
     KeepAliveConnection,
     descendants,
     input_texts,
     interleaved,
     markdown_table,
+    model_config,
+    model_name,
     parser,
     percentile,
     process_cpu_s,
@@ -50,8 +52,7 @@ from common import (
     upload_prompts,
 )
 
-from server.serving.tiny import build_tiny_t5
-from server.testing.checkpoints import save_checkpoint, t5_small_config
+from server.testing.checkpoints import save_checkpoint
 from server.testing.processes import server_process
 
 TARGET = 1.5
@@ -200,10 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     quick = opts.quick
     repeats, warm, measured = (1, ROWS // 2, ROWS) if quick else (opts.repeats, opts.warm, opts.measured)
     long = QUICK_LONG if quick else LONG
-    _, tokenizer = build_tiny_t5(t5_small_config())
-    counter = SimpleNamespace(tokenize=lambda batch: tokenizer(batch, add_special_tokens=True)["input_ids"])
-    texts = input_texts(counter, 2 * TASKS, opts.seed)  # type: ignore[arg-type]  (it only tokenizes)
-    prompts = random_prompts(TASKS, t5_small_config().d_model, opts.seed)
+    texts = input_texts(ByteTokens(), 2 * TASKS, opts.seed)
+    prompts = random_prompts(TASKS, model_config(quick).d_model, opts.seed)
     plan = Plan(warm, measured, long, len(texts), opts.seed)
     common_flags = [
         *("--device", opts.device, "--dtype", opts.dtype, "--cpu-threads", str(opts.cpu_threads)),
@@ -212,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
 
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as servers:
-        checkpoint = save_checkpoint(t5_small_config(), Path(tmp) / "model")
+        checkpoint = save_checkpoint(model_config(quick), Path(tmp) / "model")
         started = {
             name: servers.enter_context(
                 server_process(
@@ -259,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         "long_new_tokens": list(long),
         "warm": warm,
         "measured": measured,
+        "model": model_name(quick),
         "device": opts.device,
         "dtype": opts.dtype,
         "engine": opts.engine,

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     opts = args.parse_args(argv)
     repeats, new_tokens, calls = (1, 8, 1) if opts.quick else (opts.repeats, opts.new_tokens, opts.calls)
 
-    model = build_model(opts.device, opts.threads, opts.dtype)
+    model = build_model(opts.device, opts.threads, opts.dtype, quick=opts.quick)
     largest = max(BATCH_SIZES)
     all_rows = rows_for(
         model, random_prompts(largest, model.d_model, opts.seed), input_texts(model, largest, opts.seed)

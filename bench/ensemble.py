@@ -26,18 +26,20 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import common  # noqa: F401  (before torch: the server's OpenMP wait policy, see common.py)
 import httpx
 from common import (
     MAX_NEW_TOKENS,
+    ByteTokens,
     Comparison,
     checkpoint_server,
     input_texts,
     interleaved,
     markdown_table,
+    model_config,
+    model_name,
     parser,
     publish,
     random_prompts,
@@ -45,9 +47,6 @@ from common import (
     upload_prompts,
 )
 from prometheus_client.parser import text_string_to_metric_families
-
-from server.serving.tiny import build_tiny_t5
-from server.testing.checkpoints import t5_small_config
 
 TARGET = 2.0
 MEMBERS = 5
@@ -114,10 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     args.add_argument("--requests", type=int, default=20, help="requests per sample (their median latency)")
     opts = args.parse_args(argv)
     repeats, requests = (2, 3) if opts.quick else (opts.repeats, opts.requests)
-    _, tokenizer = build_tiny_t5(t5_small_config())
-    counter = SimpleNamespace(tokenize=lambda batch: tokenizer(batch, add_special_tokens=True)["input_ids"])
-    text = input_texts(counter, 1, opts.seed)[0]  # type: ignore[arg-type]  (it only tokenizes)
-    prompts = random_prompts(MEMBERS, t5_small_config().d_model, opts.seed)
+    text = input_texts(ByteTokens(), 1, opts.seed)[0]
+    prompts = random_prompts(MEMBERS, model_config(opts.quick).d_model, opts.seed)
 
     with tempfile.TemporaryDirectory() as tmp, checkpoint_server(Path(tmp), opts) as (_, _, url):
         upload_prompts(url, [TASK] * MEMBERS, prompts)
@@ -158,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         "members": MEMBERS,
         "rounds": repeats,
         "requests_per_sample": requests,
-        "model": "t5-small-shapes",
+        "model": model_name(opts.quick),
         "device": opts.device,
         "dtype": opts.dtype,
         "server": "softserve serve (continuous engine, own process)",

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     args.add_argument("--new-tokens", type=int, default=32, help="tokens each row decodes")
     opts = args.parse_args(argv)
     repeats, new_tokens = (1, 8) if opts.quick else (opts.repeats, opts.new_tokens)
-    model = build_model(opts.device, opts.threads, opts.dtype)
+    model = build_model(opts.device, opts.threads, opts.dtype, quick=opts.quick)
     grammar = grammar_text("regex", PATTERN)
     model.grammars.compile(grammar)
     largest = max(BATCH_SIZES)

@@ -84,9 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser(__doc__.splitlines()[0], repeats=50)
     args.add_argument("--model", choices=["tiny", "t5-small"], default="tiny", help="`tiny`, or t5-small shapes")
     opts = args.parse_args(argv)
-    uploads = 10 if opts.quick else max(opts.repeats, 50)
+    uploads = 3 if opts.quick else max(opts.repeats, 50)  # quick: a few (a percentile needs two)
 
-    model = build_model(opts.device) if opts.model == "t5-small" else FrozenT5.load("tiny", opts.device)
+    model = (
+        build_model(opts.device, quick=opts.quick) if opts.model == "t5-small" else FrozenT5.load("tiny", opts.device)
+    )
     text = input_texts(model, 1, opts.seed)[0]
     series = {  # name -> (replica index asked, whether it asks with a model call)
         "A → B: first generate with it": (1, True),

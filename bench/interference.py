@@ -14,6 +14,9 @@ while the attacker, on two connections, sends one kind of attack request after a
 - `flood`: 64 inputs x 256 new tokens with `ignore_eos`.
 Idle and attack samples alternate (ABBA); each ratio is the attack's median (or p90) over the idle one's.
 Targets: inter-token gap p90 <= 3x idle, 4-token median <= 5x idle, for every kind of attack.
+
+A `--quick` run sends the same attacks with fewer new tokens (`QUICK`: 32 for beam and flood, 8 for ensemble)
+and gives each a shorter lead, so that it does not wait seconds for the attacks in flight at each sample's end.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import common  # noqa: F401  (before torch: the server's OpenMP wait policy, see common.py)
@@ -43,6 +47,19 @@ D_MODEL = 64  # the tiny model's
 ENSEMBLE = 16
 STREAM_TOKENS = 32
 ATTACKERS = 2
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How long the attacks run: the new tokens of a beam or flood request (an ensemble's: a quarter of them),
+    and how long an attack runs before the victim measures."""
+
+    new_tokens: int
+    lead_s: float
+
+
+FULL = Pace(new_tokens=256, lead_s=1.0)  # beam: 4 x 256 = `max_beam_tokens`
+QUICK = Pace(new_tokens=32, lead_s=0.25)
 
 
 class Victim:
@@ -77,21 +94,22 @@ class Victim:
 
 
 class Attacker:
-    def __init__(self, url: str, key: str) -> None:
+    def __init__(self, url: str, key: str, new_tokens: int) -> None:
         self.http = httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
         self.statuses: dict[str, dict[int, int]] = {kind: {} for kind in ATTACKS}
+        self.new_tokens = new_tokens
 
     def request(self, kind: str) -> tuple[str, dict[str, object]]:
         if kind == "beam":
-            params = {"max_new_tokens": 256, "num_beams": 4, "ignore_eos": True}
+            params = {"max_new_tokens": self.new_tokens, "num_beams": 4, "ignore_eos": True}
             return "/v1/generate", {"task_id": "x", "inputs": "beam me", "parameters": params}
         if kind == "classify":
             labels = [f"{i:02d}" + "y" * 247 for i in range(64)]
             return "/v1/classify", {"task_id": "x", "inputs": "classify me", "labels": labels}
         if kind == "ensemble":
-            params = {"max_new_tokens": 64, "do_sample": True, "temperature": 2.0}
+            params = {"max_new_tokens": self.new_tokens // 4, "do_sample": True, "temperature": 2.0}
             return "/v1/generate", {"task_id": "e", "inputs": "vote", "ensemble": True, "parameters": params}
-        params = {"max_new_tokens": 256, "ignore_eos": True}
+        params = {"max_new_tokens": self.new_tokens, "ignore_eos": True}
         return "/v1/generate", {"task_id": "x", "inputs": [f"flood {i}" for i in range(64)], "parameters": params}
 
     async def attack(self, kind: str, stop: asyncio.Event) -> None:
@@ -103,8 +121,8 @@ class Attacker:
                 await asyncio.sleep(0.2)
 
 
-async def measure(url: str, victim_key: str, attacker_key: str, rounds: int) -> dict[str, object]:
-    victim, attacker = Victim(url, victim_key), Attacker(url, attacker_key)
+async def measure(url: str, victim_key: str, attacker_key: str, rounds: int, pace: Pace) -> dict[str, object]:
+    victim, attacker = Victim(url, victim_key), Attacker(url, attacker_key, pace.new_tokens)
     idle: dict[str, list[list[float]]] = {"gaps": [], "short": []}
     attacked = {kind: {"gaps": [], "short": []} for kind in ATTACKS}
 
@@ -112,7 +130,7 @@ async def measure(url: str, victim_key: str, attacker_key: str, rounds: int) -> 
         stop = asyncio.Event()
         attacks = [asyncio.create_task(attacker.attack(kind, stop)) for _ in range(ATTACKERS)] if kind else []
         if attacks:
-            await asyncio.sleep(1.0)  # the attack is under way before the victim measures
+            await asyncio.sleep(pace.lead_s)  # the attack is under way before the victim measures
         gaps, short = await victim.sample()
         stop.set()
         await asyncio.gather(*attacks)
@@ -197,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             flags += ("--pass-budget-tokens", str(options.pass_budget_tokens))
         with server_process(data, *flags, timeout_s=300) as (_, url):
             set_up(url, victim_key, attacker_key)
-            result = asyncio.run(measure(url, victim_key, attacker_key, rounds))
+            result = asyncio.run(measure(url, victim_key, attacker_key, rounds, QUICK if options.quick else FULL))
     rows = [
         [kind, k["gap_p90_ratio"], k["gap_p99_ratio"], k["short_median_ratio"], k["gap_p90_ms"], k["short_median_ms"]]
         for kind, k in result["attacks"].items()  # type: ignore[union-attr]

@@ -34,6 +34,7 @@ from server.testing.processes import server_process
 
 TARGET = 2.0  # loaded p50 ÷ idle p50, at most
 CROWD_TASKS = 1500
+QUICK_CROWD_TASKS = 200  # a smoke run's: still more than a listing page (100), so listings page
 LOOPING_CONNECTIONS = 8
 LISTING_ROUTES = ("/v1/models", "/v1/prompts", "/v1/prompts/task00000/similar")
 TINY_D_MODEL = 64
@@ -41,11 +42,11 @@ IDLE, LOADED = "idle", "loaded"
 VARIANTS = {"defaults": (), "no management limit": ("--rate-limit-management-cost-per-s", "0")}
 
 
-def seed(data_dir: Path, seed_: int) -> tuple[str, str]:
+def seed(data_dir: Path, crowd_tasks: int, seed_: int) -> tuple[str, str]:
     """Writes the two tenants' tasks into the disk store the server will open; returns their API keys."""
     store = DiskStore(data_dir / "prompts")
-    prompts = random_prompts(CROWD_TASKS + 1, TINY_D_MODEL, seed_)
-    for i, prompt in enumerate(prompts[:CROWD_TASKS]):
+    prompts = random_prompts(crowd_tasks + 1, TINY_D_MODEL, seed_)
+    for i, prompt in enumerate(prompts[:crowd_tasks]):
         store.add_version("crowd", f"task{i:05d}", SoftPrompt(prompt))
     store.add_version("quiet", "t", SoftPrompt(prompts[-1]))
     keys = ApiKeys(data_dir / "api_keys.json")
@@ -125,10 +126,10 @@ class Rounds:
         self.listing_seconds = 0.0
 
 
-def measure(flags: tuple[str, ...], seconds: float, repeats: int, seed_: int) -> dict[str, object]:
+def measure(flags: tuple[str, ...], crowd_tasks: int, seconds: float, repeats: int, seed_: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
-        keys = seed(data_dir, seed_)
+        keys = seed(data_dir, crowd_tasks, seed_)
         with server_process(data_dir, "--model", "tiny", *flags, timeout_s=300) as (_, url):
             rounds = Rounds(url, keys, seconds)
             rounds.sample(LOADED)  # warm-up: first model calls, and the listed records and embeddings cached
@@ -162,9 +163,10 @@ def main() -> None:
     args = parser(__doc__.splitlines()[0], repeats=3)
     args.add_argument("--seconds", type=float, default=5.0, help="length of each phase")
     options = args.parse_args()
-    repeats, seconds = (1, 2.0) if options.quick else (options.repeats, options.seconds)
+    quick = (1, QUICK_CROWD_TASKS, 1.0)
+    repeats, crowd_tasks, seconds = quick if options.quick else (options.repeats, CROWD_TASKS, options.seconds)
     os.environ.pop("SOFTSERVE_RATE_LIMIT_MANAGEMENT_COST_PER_S", None)  # the defaults are what is measured
-    results = {name: measure(flags, seconds, repeats, options.seed) for name, flags in VARIANTS.items()}
+    results = {name: measure(flags, crowd_tasks, seconds, repeats, options.seed) for name, flags in VARIANTS.items()}
     fields = ["ratio", "idle_p50_ms", "loaded_p50_ms", "listing_requests_per_s", "listing_share_429"]
     print(markdown_table(["server", *fields], [[name, *(results[name][f] for f in fields)] for name in results]))
     print()
@@ -176,7 +178,7 @@ def main() -> None:
         "meets_target": ratio <= TARGET,
         "ratio_without_management_limit": round(float(results["no management limit"]["ratio"]), 4),  # type: ignore[arg-type]
         "variants": rounded(results),
-        "crowd_tasks": CROWD_TASKS,
+        "crowd_tasks": crowd_tasks,
         "looping_connections": LOOPING_CONNECTIONS,
         "rounds": repeats,
         "seconds_per_phase": seconds,

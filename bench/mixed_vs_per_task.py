@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     opts = args.parse_args(argv)
     repeats, rows = (1, BATCH_SIZE) if opts.quick else (opts.repeats, opts.rows)
 
-    model = build_model(opts.device, opts.threads, opts.dtype)
+    model = build_model(opts.device, opts.threads, opts.dtype, quick=opts.quick)
     runner = BatchRunner(model)
     policies = {"mixed": mixed_policy, "per-task": per_task_policy}
     batches = {name: schedule(policy, rows, opts.settle, opts.seed) for name, policy in policies.items()}

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     opts = args.parse_args(argv)
     repeats, calls = (1, 1) if opts.quick else (opts.repeats, opts.calls)
 
-    model = build_model(opts.device, opts.threads, opts.dtype)
+    model = build_model(opts.device, opts.threads, opts.dtype, quick=opts.quick)
     prompts = random_prompts(BATCH_SIZE, model.d_model, opts.seed)
     texts = input_texts(model, BATCH_SIZE, opts.seed)
     mixed = rows_for(model, prompts, texts)

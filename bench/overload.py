@@ -29,11 +29,14 @@ import common  # noqa: F401  (before torch: see common.py)
 import httpx
 from common import (
     BATCH_SIZE,
+    ByteTokens,
     Comparison,
     checkpoint_server,
     input_texts,
     interleaved,
     markdown_table,
+    model_config,
+    model_name,
     parser,
     percentile,
     publish,
@@ -41,9 +44,6 @@ from common import (
     results_file,
     upload_prompts,
 )
-
-from server.serving.tiny import build_tiny_t5
-from server.testing.checkpoints import t5_small_config
 
 TARGET = 0.9
 TASKS = 32
@@ -150,10 +150,9 @@ def main() -> None:
     args = parser(__doc__.splitlines()[0], repeats=3)
     args.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
     options = args.parse_args()
-    repeats, seconds = (1, 3.0) if options.quick else (options.repeats, options.seconds)
-    _, tokenizer = build_tiny_t5(t5_small_config())
-    texts = input_texts(_Tokenizing(tokenizer), 64, options.seed)
-    prompts = random_prompts(TASKS, t5_small_config().d_model, options.seed)
+    repeats, seconds = (1, 1.0) if options.quick else (options.repeats, options.seconds)
+    texts = input_texts(ByteTokens(), 64, options.seed)
+    prompts = random_prompts(TASKS, model_config(options.quick).d_model, options.seed)
     flags = ("--max-queue-size", str(2 * BATCH_SIZE), "--request-timeout-s", "120")
     with tempfile.TemporaryDirectory() as tmp, checkpoint_server(Path(tmp), options, *flags) as (_, _, url):
         upload_prompts(url, [f"task{i}" for i in range(TASKS)], prompts)
@@ -185,21 +184,12 @@ def main() -> None:
         "accepted_req_per_s_by_round": {name: [round(v, 2) for v in values] for name, values in samples.items()},
         "rounds": repeats,
         "seconds_per_phase": seconds,
+        "model": model_name(options.quick),
         "device": options.device,
         "dtype": options.dtype,
         "quick": options.quick,
     }
     publish(result, results_file(options, "overload"))
-
-
-class _Tokenizing:
-    """What `input_texts` needs of a model: a `tokenize` that counts tokens like the server's."""
-
-    def __init__(self, tokenizer: object) -> None:
-        self._tokenizer = tokenizer
-
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
-        return self._tokenizer(texts, add_special_tokens=True)["input_ids"]  # type: ignore[operator]
 
 
 if __name__ == "__main__":

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     args.add_argument("--max-wait-ms", type=float, default=Settings().max_wait_ms, help="the batcher's wait")
     args.add_argument("--cpu-threads", type=int, default=Settings().cpu_threads, help="the server's (0: one per core)")
     opts = args.parse_args(argv)
-    quick = (1, 2, 3, max(RAW_BATCHES))
+    quick = (1, 1, 1, max(RAW_BATCHES))
     repeats, warm_s, seconds, raw_rows = (
         quick if opts.quick else (opts.repeats, opts.warm_s, opts.seconds, opts.raw_rows)
     )

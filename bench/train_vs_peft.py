@@ -20,11 +20,10 @@ from collections.abc import Callable
 
 import common  # noqa: F401  (before torch: see common.py)
 import torch
-from common import OMP_WAIT_POLICY, parser, publish, results_file
+from common import OMP_WAIT_POLICY, model_config, model_name, parser, publish, results_file
 
 from server.serving.model import FrozenT5, resolve_device, resolve_dtype
 from server.serving.tiny import build_tiny_t5
-from server.testing.checkpoints import t5_small_config
 from server.training import ADAFACTOR_SETTINGS, PromptTrainer, TrainingConfig
 
 CpuBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -73,9 +72,9 @@ def main() -> None:
     options.add_argument("--input-len", type=int, default=None, help="longest input, tokens (default 128, quick 64)")
     options.add_argument("--target-len", type=int, default=8)
     args = options.parse_args()
-    rounds = 5 if args.quick else args.repeats
+    rounds = 2 if args.quick else args.repeats  # quick: one round in each order
     input_len = args.input_len or (64 if args.quick else 128)
-    warmup = 2 if args.quick else 3
+    warmup = 1 if args.quick else 3
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -84,14 +83,14 @@ def main() -> None:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    config = t5_small_config()
+    config = model_config(args.quick)
     model, tokenizer = build_tiny_t5(config)
-    frozen = FrozenT5(model, tokenizer, "t5-small-random", device, dtype)
+    frozen = FrozenT5(model, tokenizer, model_name(args.quick), device, dtype)
     recipe = TrainingConfig(prompt_length=args.prompt_length, init="vocab", batch_size=args.batch_size)
     trainer = PromptTrainer(frozen, [("x", "y")], config=recipe)
 
     # A fresh config: build_tiny_t5 writes to the config it is given, and a reused one builds other weights.
-    peft_base, _ = build_tiny_t5(t5_small_config())
+    peft_base, _ = build_tiny_t5(model_config(args.quick))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(
@@ -141,7 +140,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     dtype_name = str(dtype).removeprefix("torch.")
     print(
-        f"t5-small shapes (random), {device_name}, {dtype_name}, {torch.get_num_threads()} CPU threads, "
+        f"{model_name(args.quick)} (random), {device_name}, {dtype_name}, {torch.get_num_threads()} CPU threads, "
         f"batch {args.batch_size}, prompt {args.prompt_length}, inputs <= {input_len}, targets <= {args.target_len} "
         f"tokens; {rounds} interleaved steps of each after {warmup} warm-up\n"
     )
@@ -173,7 +172,7 @@ def main() -> None:
         "prompt_length": args.prompt_length,
         "first_loss_diff": gaps[0],
         "max_loss_diff": max(gaps),
-        "model": "t5-small-shapes",
+        "model": model_name(args.quick),
         "device": device_name,
         "dtype": dtype_name,
         "torch_threads": torch.get_num_threads(),

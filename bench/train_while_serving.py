@@ -2,7 +2,7 @@
 
 Server: a real `softserve serve` process with its defaults (`store: disk`, so training runs in-process;
 `engine: process`), serving a random model with t5-small's shapes saved as a checkpoint (`--quick`: the
-`tiny` preset). Two processes of it then compete for the cores: the engine process runs the decoder steps of
+`tiny` preset's shapes). Two processes of it then compete for the cores: the engine process runs the decoder steps of
 the requests, and the API process runs HTTP, tokenizing and the embedded training worker, which trains on
 the API process's own copy of the weights. Each sets its torch threads from `--cpu-threads` (default: one
 per core), so while a job trains both ask for every core.
@@ -26,22 +26,20 @@ steps the job took during B samples, and the cores each server process used in e
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import common  # noqa: F401  (before torch: the server's OpenMP wait policy, see common.py)
 import httpx
 from common import (
+    ByteTokens,
     Comparison,
     KeepAliveConnection,
     checkpoint_server,
@@ -49,6 +47,8 @@ from common import (
     input_texts,
     interleaved,
     markdown_table,
+    model_config,
+    model_name,
     parser,
     percentile,
     process_cpu_s,
@@ -58,10 +58,6 @@ from common import (
     upload_prompts,
 )
 from prometheus_client.parser import text_string_to_metric_families
-
-from server.serving.tiny import build_tiny_t5, tiny_config
-from server.testing.checkpoints import t5_small_config
-from server.testing.processes import server_process
 
 CLIENTS = 8
 TASKS = 4
@@ -249,18 +245,6 @@ class Server:
         return Comparison("training", "idle", {side: [value(s) for s in self.samples[side]] for side in SIDES})
 
 
-@contextmanager
-def serving(workdir: Path, model: str, options: argparse.Namespace, *flags: str) -> Iterator[tuple[int, str]]:
-    """A `softserve serve` process of a t5-small-shaped checkpoint or of `tiny`: (its process id, its URL)."""
-    if model == "t5-small-shapes":
-        with checkpoint_server(workdir, options, *flags) as (_, pid, url):
-            yield pid, url
-        return
-    device = ("--device", options.device, "--dtype", options.dtype)
-    with server_process(workdir / "data", "--model", "tiny", *device, *flags, timeout_s=300) as (process, url):
-        yield process.pid, url
-
-
 def request_bodies(texts: list[str]) -> list[bytes]:
     """One body per (task, text) pair, in an order that spreads each client's requests over the tasks."""
     parameters = {"max_new_tokens": NEW_TOKENS, "ignore_eos": True}
@@ -277,16 +261,14 @@ def main(argv: list[str] | None = None) -> None:
     args.add_argument("--cpu-threads", type=int, default=0, help="the server's torch threads (0: one per core)")
     opts = args.parse_args(argv)
     quick = opts.quick
-    repeats, warm, measured = (2, CLIENTS, 4 * CLIENTS) if quick else (opts.repeats, opts.warm, opts.measured)
-    model, config = ("tiny", tiny_config()) if quick else ("t5-small-shapes", t5_small_config())
-    _, tokenizer = build_tiny_t5(config)
-    counter = SimpleNamespace(tokenize=lambda batch: tokenizer(batch, add_special_tokens=True)["input_ids"])
-    texts = input_texts(counter, TRAIN_EXAMPLES, opts.seed)  # type: ignore[arg-type]  (it only tokenizes)
+    repeats, warm, measured = (1, CLIENTS, 4 * CLIENTS) if quick else (opts.repeats, opts.warm, opts.measured)
+    texts = input_texts(ByteTokens(), TRAIN_EXAMPLES, opts.seed)
     examples = [{"input": text, "target": TRAIN_LABELS[i % 2]} for i, text in enumerate(texts)]
     flags = ("--cpu-threads", str(opts.cpu_threads), "--request-timeout-s", "600")
 
-    with tempfile.TemporaryDirectory() as tmp, serving(Path(tmp), model, opts, *flags) as (pid, url):
-        upload_prompts(url, [f"task{i}" for i in range(TASKS)], random_prompts(TASKS, config.d_model, opts.seed))
+    with tempfile.TemporaryDirectory() as tmp, checkpoint_server(Path(tmp), opts, *flags) as (_, pid, url):
+        prompts = random_prompts(TASKS, model_config(quick).d_model, opts.seed)
+        upload_prompts(url, [f"task{i}" for i in range(TASKS)], prompts)
         server = Server(url, pid, request_bodies(texts), examples)
         asyncio.run(closed_loop(url, server.bodies, 0, 2 * CLIENTS))  # warm-up: connections, the prompt cache
         server.training(CLIENTS, CLIENTS)  # warm-up: the training worker's first job (not a sample)
@@ -327,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         "training_config": TRAINING_CONFIG,
         "train_examples": TRAIN_EXAMPLES,
         "cpu_threads": opts.cpu_threads,
-        "model": model,
+        "model": model_name(quick),
         "device": opts.device,
         "dtype": opts.dtype,
         "server": "softserve serve (store disk: training in the API process; engine in its own process)",
