@@ -10,9 +10,11 @@ stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -585,6 +587,9 @@ def leave_quietly_on_closed_stdout() -> NoReturn:
 
 def main(argv: list[str] | None = None) -> None:
     configure_logging()
+    # `kill -USR1 PID` prints every thread's stack to stderr: a stuck server, engine or worker can be looked
+    # into without stopping it (the tests do so before they give up on a process).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

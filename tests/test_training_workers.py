@@ -53,6 +53,7 @@ class Worker:
         command += ["--data-dir", str(data_dir), "--worker-metrics-port", str(self.metrics_port)]
         command += ["--training-lease-s", str(LEASE_S), "--training-reaper-interval-s", str(REAPER_S)]
         command += ["--training-checkpoint-every", "20", *flags]
+        self.log_path = log
         self.log = log.open("wb")
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -70,6 +71,20 @@ class Worker:
                 return False
 
         wait_for(answers, WORKER_START_S, f"worker {self.name}", poll_s=0.2)
+
+    def exit_code(self, timeout_s: float) -> int:
+        """The worker's exit code once it exits; past `timeout_s` it is asked for its threads' stacks
+        (`kill -USR1`) and the test fails with the end of its log."""
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            self.log.flush()
+            tail = self.log_path.read_text(errors="replace")[-8000:]
+            raise AssertionError(
+                f"worker {self.name} still running after {timeout_s} s; its log ends:\n{tail}"
+            ) from None
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
@@ -185,7 +200,7 @@ def test_a_stopped_worker_checkpoints_its_job_and_hands_it_back(
         job_id = submit(api, "sst2", steps=100_000)
         wait_until_step(api, job_id, 5)
         worker.process.send_signal(signal.SIGTERM)
-        assert worker.process.wait(timeout=30) == 0
+        assert worker.exit_code(timeout_s=30) == 0
         handed_back = record(redis_server, job_id)
         assert handed_back.state == JobState.QUEUED and (handed_back.attempt, handed_back.lost) == (2, 0)
         assert handed_back.checkpoint_step == handed_back.progress.step == checkpoint_step(redis_server, job_id)
