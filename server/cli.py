@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import io
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -585,11 +587,17 @@ def leave_quietly_on_closed_stdout() -> NoReturn:
     sys.exit(EXIT_BROKEN_PIPE)
 
 
+def dump_stacks_on_sigusr1() -> None:
+    """`kill -USR1 PID` prints every thread's stack to stderr: a stuck server, engine or worker can be looked
+    into without stopping it (the tests do so before they give up on a process). Not where stderr is no file
+    (`main` called in-process with its output captured)."""
+    with suppress(io.UnsupportedOperation, AttributeError, ValueError):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     configure_logging()
-    # `kill -USR1 PID` prints every thread's stack to stderr: a stuck server, engine or worker can be looked
-    # into without stopping it (the tests do so before they give up on a process).
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    dump_stacks_on_sigusr1()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

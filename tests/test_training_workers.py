@@ -11,18 +11,20 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from rq import Queue
 
+from server.jobs.job_runner import JobRunner
 from server.jobs.records import JobRecord, JobState
 from server.jobs.redis_store import RedisJobStore
-from server.jobs.rq_queue import queue_name
+from server.jobs.rq_queue import TrainingWorker, queue_name
 from server.serving.model import FrozenT5
 from server.settings import Settings
 from server.training import TrainingCheckpoint
@@ -206,6 +208,22 @@ def test_a_stopped_worker_checkpoints_its_job_and_hands_it_back(
         assert handed_back.checkpoint_step == handed_back.progress.step == checkpoint_step(redis_server, job_id)
         with redis_server.client() as client:
             assert Queue(queue_name(Settings().redis_namespace), connection=client).get_job_ids() == [f"{job_id}-2"]
+
+
+def test_a_stopping_worker_leaves_its_command_listener_at_once(redis_server: RedisServer) -> None:
+    """The race that kept a SIGTERMed worker alive for up to a minute after its job was back in the queue: RQ's
+    command listener read the unsubscribe reply before it was told to stop, then waited for a new subscription.
+    Here the listener is made to read that reply first; leaving must still take about one poll, not a minute."""
+    with redis_server.client() as client:
+        worker = TrainingWorker([Queue("listener", connection=client)], connection=client, runner=cast(JobRunner, None))
+        worker.subscribe()
+        worker.pubsub.unsubscribe()
+        wait_for(lambda: not worker.pubsub.subscribed, 10, "the listener to read the unsubscribe reply")
+        leaving = threading.Thread(target=worker.unsubscribe, daemon=True)
+        leaving.start()
+        leaving.join(timeout=10)
+        assert not leaving.is_alive(), "the worker is still waiting for its command listener"
+        assert not worker.pubsub_thread.is_alive()
 
 
 def test_a_job_that_loses_its_last_allowed_worker_fails_with_the_reason(
