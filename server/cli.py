@@ -470,11 +470,20 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 # The script runs in a process group of its own, so a Ctrl-C reaches `softserve bench` only, which asks the script
 # to stop with SIGTERM: the script turns it into KeyboardInterrupt and stops its servers. A SIGTERM that comes before
 # the handler is set (the interpreter still starting, nothing started yet) ends it at once, with no traceback.
+# An interrupt raised while a finalizer (`__del__`) runs is dropped by Python with an "Exception ignored" traceback:
+# the unraisable hook raises it again 10 ms later (an alarm), outside the finalizer.
 RUN_QUIETLY_ON_CTRL_C = """
 import os, runpy, signal, sys
 def interrupted(*_):
     raise KeyboardInterrupt
+def dropped(unraisable):
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):  # again in 10 ms, by an alarm: after this hook
+        signal.setitimer(signal.ITIMER_REAL, 0.01)
+    else:
+        sys.__unraisablehook__(unraisable)
 signal.signal(signal.SIGTERM, interrupted)
+signal.signal(signal.SIGALRM, interrupted)
+sys.unraisablehook = dropped
 sys.argv = sys.argv[1:]
 sys.path[0] = os.path.dirname(sys.argv[0])
 try:

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from server.cli import build_parser, settings_from
+from server.cli import RUN_QUIETLY_ON_CTRL_C, build_parser, settings_from
 from server.errors import Unauthorized
 from server.settings import Settings
 from server.tenancy.keys import ApiKeys
@@ -375,6 +375,34 @@ def test_ctrl_c_in_bench_ends_it_with_one_line_and_leaves_no_process(tmp_path: P
     assert stderr.strip().splitlines()[-1] == "error: bench hot_load interrupted", stderr
     for pid in [*scripts, *servers]:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), pid
+
+
+SIGTERM_INSIDE_A_FINALIZER = """
+import gc, os, signal, time
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # the interrupt is raised here, where Python drops it
+try:
+    Finalized()
+    gc.collect()
+    time.sleep(5)
+    print("not interrupted")
+finally:
+    print("cleaned up")
+"""
+
+
+def test_an_interrupt_that_lands_in_a_finalizer_still_stops_a_bench_script(tmp_path: Path) -> None:
+    """A SIGTERM raised as KeyboardInterrupt inside a `__del__` (a Redis pool's, in one run) was dropped by Python
+    with an "Exception ignored" traceback, and the script ran on: the bench wrapper raises it again outside."""
+    script = tmp_path / "finalizer.py"
+    script.write_text(SIGTERM_INSIDE_A_FINALIZER)
+    ran = subprocess.run(
+        [sys.executable, "-c", RUN_QUIETLY_ON_CTRL_C, str(script)], capture_output=True, text=True, timeout=60
+    )
+    assert ran.returncode == 130, ran.stderr
+    assert ran.stdout.split() == ["cleaned", "up"] and ran.stderr == ""
 
 
 def test_serve_says_which_engine_it_waits_for(tmp_path: Path) -> None:
