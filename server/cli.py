@@ -599,8 +599,8 @@ def leave_quietly_on_closed_stdout() -> NoReturn:
 def dump_stacks_on_sigusr1() -> None:
     """`kill -USR1 PID` prints every thread's stack to stderr: a stuck server, engine or worker can be looked
     into without stopping it (the tests do so before they give up on a process). Not where stderr is no file
-    (`main` called in-process with its output captured)."""
-    with suppress(io.UnsupportedOperation, AttributeError, ValueError):
+    (`main` called in-process with its output captured, or no stderr at all)."""
+    with suppress(io.UnsupportedOperation, AttributeError, ValueError, RuntimeError):
         faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 

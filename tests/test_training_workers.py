@@ -81,8 +81,7 @@ class Worker:
             return self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.process.send_signal(signal.SIGUSR1)
-            time.sleep(1)
-            self.log.flush()
+            time.sleep(1)  # faulthandler writes from the signal handler; this only lets the process get there
             tail = self.log_path.read_text(errors="replace")[-8000:]
             raise AssertionError(
                 f"worker {self.name} still running after {timeout_s} s; its log ends:\n{tail}"
