@@ -27,8 +27,10 @@ import torch
 
 from server.cli import RUN_QUIETLY_ON_CTRL_C, build_parser, settings_from
 from server.errors import Unauthorized
+from server.serving.tiny import tiny_config
 from server.settings import Settings
 from server.tenancy.keys import ApiKeys
+from server.testing.checkpoints import save_checkpoint
 from tests.redis_server import RedisServer
 from tests.serving import free_port, wait_ready
 from tests.training import config, examples, jsonl, one_torch_thread  # noqa: F401 (an autouse fixture)
@@ -64,6 +66,11 @@ def unavailable_cuda_device() -> str:
     return f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
 
 
+# The hub as unreachable as on a machine without network, on any machine: nothing listens at its address, and
+# HF_HUB_OFFLINE (which would skip the network on its own) is off.
+UNREACHABLE_HUB = {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_OFFLINE": "0"}
+
+
 @pytest.mark.parametrize(
     ("flags", "why"),
     [
@@ -71,7 +78,7 @@ def unavailable_cuda_device() -> str:
         (("--model", "softserve-tests/no-such-model"), "the hub could not be reached"),
         (("--device", unavailable_cuda_device()), "cannot use device"),
     ],
-    ids=["missing-directory", "hub-id-offline", "cuda-unavailable"],
+    ids=["missing-directory", "hub-id-unreachable", "cuda-unavailable"],
 )
 def test_serve_exits_with_one_line_when_the_model_cannot_load(tmp_path: Path, flags: tuple[str, str], why: str) -> None:
     flags = (flags[0], flags[1].format(tmp=tmp_path))
@@ -82,10 +89,30 @@ def test_serve_exits_with_one_line_when_the_model_cannot_load(tmp_path: Path, fl
         str(free_port()),
         "--data-dir",
         str(tmp_path / "data"),
-        HF_HUB_OFFLINE="1",  # a hub id fails at once instead of retrying a network that is not there
         HF_HOME=str(tmp_path / "hf"),  # an empty cache: the id cannot be found in one
+        **UNREACHABLE_HUB,
     )
     assert_one_error_line(run, why, flags[1])
+    assert "Retry" not in run.stderr  # huggingface_hub's retries are a minute of backoff without network
+
+
+def test_a_cached_hub_id_loads_from_the_cache_when_the_hub_is_unreachable(tmp_path: Path) -> None:
+    revision = "0" * 40
+    repo = tmp_path / "hf" / "hub" / "models--softserve-tests--cached"
+    save_checkpoint(tiny_config(), repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    load = "from server.serving.model import FrozenT5; print(FrozenT5.load('softserve-tests/cached', 'cpu').d_model)"
+    run = subprocess.run(
+        [sys.executable, "-c", load],
+        env={**os.environ, "HF_HOME": str(tmp_path / "hf"), **UNREACHABLE_HUB},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == str(tiny_config().d_model)
+    assert "Retry" not in run.stderr, run.stderr[-3000:]
 
 
 def test_worker_reads_dotenv_and_exits_with_one_line_when_the_model_cannot_load(

@@ -49,7 +49,7 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
         seen = seen.__cause__ or seen.__context__
 
 
-def _is_hub_id(name: str) -> bool:
+def is_hub_id(name: str) -> bool:
     try:
         validate_repo_id(name)
     except HFValidationError:
@@ -71,7 +71,7 @@ def load_failure(name: str, error: Exception) -> ModelLoadError:
         fix = "it needs config.json, the weights and the tokenizer files, as `save_pretrained` writes them"
     elif path.exists():
         why, fix = "it is a file, not a checkpoint directory", "pass the directory that holds config.json"
-    elif not _is_hub_id(name):
+    elif not is_hub_id(name):
         why, fix = "no such directory, and it is not a hub id (owner/name)", CHOICES
     elif any(isinstance(cause, LocalEntryNotFoundError) for cause in causes):
         why = (

@@ -35,6 +35,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from server.engine.protocol import TokenLogprobs
 from server.serving.decoder import LeanDecoder
 from server.serving.grammar import Grammars, grammar_tokenizer
+from server.serving.hub import cache_only, log_hub_records_once
 from server.serving.load_errors import checked_device, load_failure
 from server.serving.tiny import build_tiny_t5
 
@@ -181,9 +182,11 @@ class FrozenT5:
             model, tokenizer = build_tiny_t5()
         else:
             source = str(Path(name)) if Path(name).is_dir() else name
+            log_hub_records_once()
+            local = cache_only(name)  # the hub unreachable: the cache at once, not a minute of retries
             try:
-                tokenizer = AutoTokenizer.from_pretrained(source)
-                model = T5ForConditionalGeneration.from_pretrained(source, dtype=torch_dtype)
+                tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+                model = T5ForConditionalGeneration.from_pretrained(source, dtype=torch_dtype, local_files_only=local)
             except (OSError, ValueError) as error:  # what transformers raises for a missing or unusable source
                 raise load_failure(name, error) from error
         log.info("loaded %s on %s as %s", name, target, torch_dtype)
