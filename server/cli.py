@@ -587,6 +587,8 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every request at INFO: noise in a client command, and it tears `softserve train`'s progress bar.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # torch logs its compile caches' statistics at INFO as the interpreter exits: noise after a Ctrl-C.
+    logging.getLogger("torch").setLevel(logging.WARNING)
 
 
 def leave_quietly_on_closed_stdout() -> NoReturn:

@@ -404,6 +404,45 @@ def test_ctrl_c_in_bench_ends_it_with_one_line_and_leaves_no_process(tmp_path: P
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), pid
 
 
+def imports_torch(pid: int) -> bool:
+    """Whether the process has begun to import torch (its library is mapped): the seconds of `serve`'s start-up
+    before it listens. (A Ctrl-C in an interpreter's first milliseconds, before the site module is imported, is
+    Python's own fatal error; no program can catch it.)"""
+    return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.parametrize("moment", ["as_it_imports", "as_its_engine_starts", "once_ready"])
+def test_ctrl_c_in_serve_ends_it_quietly_and_leaves_no_engine(tmp_path: Path, moment: str) -> None:
+    """Ctrl-C reaches the terminal's whole process group. The engine child runs in a session of its own, so the
+    server alone takes it and stops its engine: exit 130, no traceback, the engine not reported down."""
+    port = free_port()
+    server = subprocess.Popen(
+        [*SOFTSERVE, "serve", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a group of its own, as a terminal's foreground job
+    )
+    assert server.stderr is not None
+    deadline = time.monotonic() + 120
+    while not imports_torch(server.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    said, engines = "", []
+    wanted = {"as_it_imports": None, "as_its_engine_starts": "started engine process", "once_ready": "ready at http"}
+    while wanted[moment] and wanted[moment] not in said and (line := server.stderr.readline()):
+        said += line
+        engines += [int(pid) for pid in re.findall(r"started engine process (\d+)", line)]
+    assert wanted[moment] is None or engines, said
+    os.killpg(server.pid, signal.SIGINT)
+    _, stderr = server.communicate(timeout=120)
+    said += stderr
+    assert server.returncode == 130, said
+    for noise in ("Traceback", "KeyboardInterrupt", "killed by signal", "is down", "error"):
+        assert noise not in said, said
+    for pid in engines:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), pid
+
+
 SIGTERM_INSIDE_A_FINALIZER = """
 import gc, os, signal, time
 class Finalized:

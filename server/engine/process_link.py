@@ -323,8 +323,11 @@ class ProcessLink:
     async def _spawn(self) -> None:
         env = {**os.environ, SETTINGS_VARIABLE: self.settings.model_dump_json()}
         command = ["-m", "server.engine.process", "--address", self.address, "--parent-pid", str(os.getpid())]
+        # A session of its own: Ctrl-C in a terminal signals the foreground group, and an engine child that took it
+        # died mid-import with a 40-line traceback while the server reported it killed. This process handles the
+        # Ctrl-C and stops its child in order. (A signal mask or SIG_IGN would not pass: uvloop's spawn resets both.)
         self.child = await asyncio.create_subprocess_exec(
-            sys.executable, *command, env=env, stderr=asyncio.subprocess.PIPE
+            sys.executable, *command, env=env, stderr=asyncio.subprocess.PIPE, start_new_session=True
         )
         log.info("started engine process %d at %s", self.child.pid, self.address)
         self._child_said = ""
