@@ -172,6 +172,22 @@ def test_a_beam_row_takes_one_step_per_pass_beside_the_decoding_rows() -> None:
     assert passes == 6  # five steps, the first after the encoder pass
 
 
+def test_a_pass_takes_one_beam_step_at_most_and_tenants_take_turns() -> None:
+    """A beam step is a whole step of transformers' beam search: its fixed cost is not in its token count, so two
+    of them in a pass would double every other row's step time whatever budget is left."""
+    driven = Driven(limits(budget=10_000))
+    driven.submit(generate(0, "victim"))
+    driven.submit(*(BeamRow(i, "a", row_input(10), num_beams=4, max_new_tokens=5) for i in (1, 2)))
+    driven.submit(BeamRow(3, "b", row_input(10), num_beams=4, max_new_tokens=5))
+    stepped: list[int] = []
+    while sum(isinstance(e, Generated) for e in driven.events) < 3:
+        plan = driven.run_pass()
+        assert len(plan.pieces) == 1 and plan.step == [0]
+        stepped.append(plan.pieces[0].request.request_id)
+    assert stepped[:4] == [1, 3, 1, 3]  # tenants take turns; a tenant's own beam rows run in order
+    assert len(stepped) == 3 * 6  # every step of every row ran, one per pass
+
+
 def test_every_pass_stays_within_the_budget_whatever_the_mix() -> None:
     budget = 64
     driven = Driven(limits(rows=8, budget=budget))

@@ -12,7 +12,10 @@ outputs mean; `ModelRunner` (server/engine/runner.py) does the work; `Engine` (s
 Budget: besides its decoder step (one token per row in place), a pass does at most `pass_budget_tokens` of
 model work: a joining row costs its encoder tokens, a classify piece its row's encoder tokens (first piece) and
 the decoder positions it scores, a beam step its beams (and the row's encoder tokens on its first step). Work
-larger than a budget is cut into pieces that run in later passes, between decoder steps. The first item of a
+larger than a budget is cut into pieces that run in later passes, between decoder steps. A pass takes one beam
+step at most, whatever budget is left: a beam step is a whole step of transformers' beam search, whose fixed cost
+(about 7 ms on the `tiny` model, where the engine's own decoder step for a few rows takes about 1.5) no token
+count shows; beam rows take turns, tenants round-robin, a tenant's own in order. The first item of a
 pass always runs, so a row larger than the budget still runs, alone in its pass. Joins and pieces take turns
 at going first, so neither kind starves the other.
 
@@ -438,17 +441,20 @@ class Scheduler:
     def _cut_pieces(self, plan: Plan, budget: Budget) -> None:
         """Round-robin over tenants, one piece per item per pass, until the budget is spent or nothing fits."""
         cut: set[int] = set()
+        beam_stepped = False  # a pass takes one beam step at most: see the module's docstring
         while True:
             progressed = False
             for tenant in self.pending.tenants():
                 for item in self.pending.items(tenant):
-                    if item.request.request_id in cut or not self._may_start(item):
+                    beam = isinstance(item, Beaming)
+                    if item.request.request_id in cut or not self._may_start(item) or (beam and beam_stepped):
                         continue
                     piece, cost = self._piece(item, budget)
                     if piece is not None:
                         budget.charge(cost)
                         plan.pieces.append(piece)
                         cut.add(item.request.request_id)
+                        beam_stepped |= beam
                         self.pending.rotate(tenant)
                         progressed = True
                     break  # a tenant's items are cut in order: one per round
