@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import replace
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ from server.engine.protocol import (
     StepStats,
     Token,
 )
+from server.engine.scheduler import Plan
 from server.serving.decoder import LeanDecoder
 from server.serving.model import FrozenT5, Row
 from server.testing.reference import TOLERANCE, Alone, mixed_rows
@@ -246,6 +248,30 @@ def test_classify_and_beam_rows_equal_the_row_alone(tiny: FrozenT5) -> None:
     assert scores.scores == pytest.approx([alone.score(label) for label in labels], abs=TOLERANCE)
     assert beams.token_ids == Alone(tiny, rows[2]).generate(12, num_beams=3)
     assert passes > 4 + 1  # it took several passes: one step each
+
+
+def test_classify_rows_scored_together_in_pieces_equal_each_row_alone(model: FrozenT5) -> None:
+    """Every classify piece of a pass shares one encoder call and one scoring call, rows of different lengths
+    padded to the longest; a budget smaller than the rows cuts them into pieces, so passes mix rows starting
+    with rows resuming: every score equals the row scored alone."""
+    rows = mixed_rows(model)
+    labels = [model.tokenize([text])[0] for text in ("positive", "negative", "neutral", "a much longer label")]
+    budget = max(row.num_tokens for row in rows) + 2 * max(map(len, labels))
+    driven = Driven(model, replace(LIMITS, pass_budget_tokens=budget))
+    plans: list[Plan] = []
+    run = driven.engine.runner.run
+    driven.engine.runner.run = lambda plan: (plans.append(plan), run(plan))[1]  # type: ignore[method-assign]
+    driven.engine.submit(
+        [ClassifyRow(i, "t", RowInput(row.prompt, row.input_ids), labels) for i, row in enumerate(rows)]
+    )
+    driven.until_done()
+    firsts = [{piece.first == 0 for piece in plan.pieces} for plan in plans if len(plan.pieces) > 1]
+    assert {True, False} in firsts  # a pass scored rows starting and rows resuming together
+    for i, row in enumerate(rows):
+        (scores,) = [e for e in driven.events[i] if isinstance(e, Scores)]
+        alone = Alone(model, row)
+        for score, label in zip(scores.scores, labels, strict=True):  # a sum of len(label) log-probabilities
+            assert score == pytest.approx(alone.score(label), abs=TOLERANCE * len(label))
 
 
 def test_a_parked_row_resumes_exactly(tiny: FrozenT5) -> None:

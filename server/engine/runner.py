@@ -38,6 +38,14 @@ class RowDecoding:
     matcher: LLMatcher | None = None  # the row's grammar state (structured output)
 
 
+def padded(encoded: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows' encoder outputs `[1, T_i, d]` and masks `[1, T_i]` as one batch, zero-padded to the longest."""
+    width = max(hidden.shape[1] for hidden, _ in encoded)
+    hidden = torch.cat([torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[1])) for h, _ in encoded])
+    mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for _, m in encoded])
+    return hidden, mask
+
+
 class ModelRunner:
     def __init__(self, model: FrozenT5) -> None:
         self.model = model
@@ -61,9 +69,12 @@ class ModelRunner:
         embeds = [piece for piece in plan.pieces if isinstance(piece, EmbedPiece)]
         if embeds:
             self._embed(embeds, outcome)
+        scoring = [piece for piece in plan.pieces if isinstance(piece, ScorePiece)]
+        if scoring:
+            self._score(scoring, outcome)
         for piece in plan.pieces:
-            if not isinstance(piece, EmbedPiece):
-                self._run_piece(piece, outcome)
+            if isinstance(piece, BeamPiece):
+                self._beam_piece(piece, outcome)
         stepped = [r for r in plan.step if r not in outcome.failed]
         if stepped:
             self._step(stepped, outcome)
@@ -184,17 +195,14 @@ class ModelRunner:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    # Pieces: classify scoring and beam steps.
+    # Pieces: embeddings, classify scoring and beam steps.
 
-    def _run_piece(self, piece: ScorePiece | BeamPiece, outcome: Outcome) -> None:  # embed pieces: `_embed`
+    def _beam_piece(self, piece: BeamPiece, outcome: Outcome) -> None:
         request_id = piece.request.request_id
         try:
-            if isinstance(piece, ScorePiece):
-                outcome.scores[request_id] = self._score(piece)
-            else:
-                self._beam_step(piece.request, outcome)
+            self._beam_step(piece.request, outcome)
         except Exception as error:
-            log.exception("a %s piece failed", type(piece).__name__)
+            log.exception("a beam step failed")
             outcome.failed[request_id] = failure(error)
             self._drop(request_id)
 
@@ -213,18 +221,43 @@ class ModelRunner:
             else:
                 outcome.failed[piece.request.request_id] = failure(NonFiniteScores("the row's encoding is not finite"))
 
-    def _score(self, piece: ScorePiece) -> list[float]:
-        request_id = piece.request.request_id
-        encoded = self.encoded.get(request_id)
-        if encoded is None:
-            encoded = self.encoded[request_id] = self.model.encode([self._model_row(piece.request.row)])
-        hidden, mask = encoded
-        if piece.last:
-            del self.encoded[request_id]
-        scores = self.model.log_likelihoods(hidden, mask, [0] * piece.count, piece.candidates)
-        if not all(map(math.isfinite, scores)):
-            raise NonFiniteScores("the model's scores for this input are not finite")
-        return scores
+    def _score(self, pieces: list[ScorePiece], outcome: Outcome) -> None:
+        """Every classify piece of the pass together, as the static path scores a batch: one encoder call for the
+        rows whose first piece this is, one teacher-forced decoder call for every piece's candidates (each row's
+        encoder output padded to the longest, masked: the exactness rule)."""
+        try:
+            self._encode_for_scoring([piece for piece in pieces if piece.request.request_id not in self.encoded])
+            encoded = [self.encoded[piece.request.request_id] for piece in pieces]
+            hidden, mask = padded(encoded)
+            owners = [i for i, piece in enumerate(pieces) for _ in range(piece.count)]
+            scores = self.model.log_likelihoods(hidden, mask, owners, [c for p in pieces for c in p.candidates])
+        except Exception as error:
+            log.exception("a scoring call of %d classify pieces failed", len(pieces))
+            for piece in pieces:
+                outcome.failed[piece.request.request_id] = failure(error)
+                self._drop(piece.request.request_id)
+            return
+        for piece in pieces:
+            request_id = piece.request.request_id
+            own, scores = scores[: piece.count], scores[piece.count :]
+            if piece.last:
+                del self.encoded[request_id]
+            if all(map(math.isfinite, own)):
+                outcome.scores[request_id] = own
+            else:
+                outcome.failed[request_id] = failure(
+                    NonFiniteScores("the model's scores for this input are not finite")
+                )
+                self._drop(request_id)
+
+    def _encode_for_scoring(self, starting: list[ScorePiece]) -> None:
+        """One encoder call for the rows that start scoring; each row's output is kept at its own length."""
+        if not starting:
+            return
+        hidden, mask = self.model.encode([self._model_row(piece.request.row) for piece in starting])
+        for i, piece in enumerate(starting):
+            length = piece.request.row.num_tokens
+            self.encoded[piece.request.request_id] = (hidden[i : i + 1, :length], mask[i : i + 1, :length])
 
     def _beam_step(self, request: BeamRow, outcome: Outcome) -> None:
         generation = self.beams.get(request.request_id)
