@@ -94,7 +94,7 @@ class Phases:
 
 
 def measure(
-    server: str, checkpoint: Path, workdir: Path, bodies: Path, options: argparse.Namespace, repeats: int
+    server: str, checkpoint: Path, data_dir: Path, bodies: Path, options: argparse.Namespace, repeats: int
 ) -> Phases:
     """Starts the server named `server` (see `SERVERS`), runs the rounds, stops it."""
     flags = [
@@ -102,7 +102,7 @@ def measure(
         *("--max-queue-size", str(QUEUE), "--max-batch-size", str(ROWS), "--max-active-rows", str(ROWS)),
         *("--request-timeout-s", "60", "--engine", options.engine),
     ]
-    with server_process(workdir / str(list(SERVERS).index(server)), *flags, timeout_s=300) as (_, url):
+    with server_process(data_dir, *flags, timeout_s=300) as (_, url):
         prompts = random_prompts(TASKS, model_config(options.quick).d_model, options.seed)
         upload_prompts(url, [f"task{i}" for i in range(TASKS)], prompts)
         phases = Phases(url, bodies, options.seconds)
@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None) -> None:
             [{"task_id": f"task{i % TASKS}", "inputs": text, "parameters": parameters} for i, text in enumerate(texts)],
         )
         checkpoint = save_checkpoint(model_config(options.quick), Path(tmp) / "model")
-        phases = {name: measure(name, checkpoint, Path(tmp), bodies, options, repeats) for name in SERVERS}
+        phases = {
+            name: measure(name, checkpoint, Path(tmp) / f"server{i}", bodies, options, repeats)
+            for i, name in enumerate(SERVERS)
+        }
 
     storm = f"{STORM}x"
     ratios = {name: p.comparison(storm, "1x").ratio for name, p in phases.items()}
