@@ -474,6 +474,7 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 # the unraisable hook raises it again 10 ms later (an alarm), outside the finalizer.
 RUN_QUIETLY_ON_CTRL_C = """
 import os, runpy, signal, sys
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by `softserve bench` while it started this
 def interrupted(*_):
     raise KeyboardInterrupt
 def dropped(unraisable):
@@ -504,8 +505,11 @@ def bench(args: argparse.Namespace) -> None:
             f"no benchmark {args.name!r} in {BENCH_DIR}; available: {', '.join(available) or 'none'}", EXIT_USAGE
         )
     command = [sys.executable, "-c", RUN_QUIETLY_ON_CTRL_C, str(script), *args.bench_args]
+    # A Ctrl-C that comes while the script is being started (forked, not yet running) waits until it can be stopped.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     script_run = subprocess.Popen(command, process_group=0)
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         sys.exit(script_run.wait())
     except KeyboardInterrupt:
         script_run.terminate()
