@@ -1,15 +1,43 @@
 #!/usr/bin/env bash
-# One prepared device run: install the carried wheels, run the CUDA checks, then every benchmark on CUDA.
-# Usage (on the GPU machine, from the repo root): bash bench/gpu_run.sh
-# Each benchmark's JSON result lands in $OUT/results/NAME-cuda.json: copy those into bench/results/ and commit
-# them, then fill the README's GPU column from them.
+# One prepared device run: install the carried wheels, then run the CUDA checks (`check`) and the named benchmarks
+# on CUDA, each under its own time limit.
+# Usage (on the GPU machine, from the repo root): REVISION=<commit> bash bench/gpu_run.sh check mixed_vs_single ...
+# Carried: `.whl/` (the wheels the machine's image lacks) and `.gpu/` (wrk and its libluajit, for the HTTP benches).
+# A copy of a checkout has no .git, so each result gets the commit it ran on from REVISION (send a clean tree).
+# Everything printed goes to $OUT/log.txt; the JSON results come back in $OUT/results.tar, as NAME-cuda.json:
+# unpack them into bench/results/, commit them, and fill the README's GPU column from them.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD:$PWD/bench PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD:$PWD/bench PYTHONUNBUFFERED=1 PATH=$PWD/.gpu:$PATH LD_LIBRARY_PATH=$PWD/.gpu
 out=${OUT:-/tmp/out}
-mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
-timeout 150 python3 bench/gpu_check.py 2>&1 | grep -v Warning | tee "$out/gpu_check.txt"
-for b in mixed_vs_single server_vs_raw mixed_vs_per_task train_vs_peft; do
-  timeout 90 python3 "bench/$b.py" --device cuda --results-dir "$out/results" 2>&1 | grep -v Warning | tee "$out/$b.txt"
+mkdir -p "$out/results"
+
+run_all() {
+nvidia-smi --query-gpu=name,memory.total --format=csv
+python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+
+declare -A LIMIT=([check]=150 [mixed_vs_single]=60 [mixed_vs_per_task]=60 [decode_vs_generate]=60 [train_vs_peft]=60
+  [server_vs_raw]=110 [continuous_vs_static]=110)
+declare -A ARGS=([train_vs_peft]="--repeats 10" [server_vs_raw]="--repeats 3 --warm-s 3 --seconds 5"
+  [continuous_vs_static]="--repeats 2")
+for name in "$@"; do
+  echo "== $name ($(date +%T), limit ${LIMIT[$name]:-90} s)"
+  if [ "$name" = check ]; then
+    timeout "${LIMIT[$name]}" python3 bench/gpu_check.py
+  else
+    # shellcheck disable=SC2086
+    timeout "${LIMIT[$name]:-90}" python3 "bench/$name.py" --device cuda --results-dir "$out/results" ${ARGS[$name]:-}
+  fi
+  echo "== $name exit $?"
 done
+}
+run_all "$@" 2>&1 | grep --line-buffered -v Warning | tee -a "$out/log.txt"
+python3 - "$out/results" "${REVISION:-}" <<'PY'
+import json, sys
+from pathlib import Path
+for path in Path(sys.argv[1]).glob("*.json"):
+    result = json.loads(path.read_text())
+    if "revision" not in result and sys.argv[2]:
+        path.write_text(json.dumps({**result, "revision": sys.argv[2], "dirty": False}) + "\n")
+PY
+tar -C "$out/results" -cf "$out/results.tar" . && rm -r "$out/results"
