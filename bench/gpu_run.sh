@@ -3,7 +3,8 @@
 # on CUDA, each under its own time limit.
 # Usage (on the GPU machine, from the repo root): REVISION=<commit> bash bench/gpu_run.sh check mixed_vs_single ...
 # Carried: `.whl/` (the wheels the machine's image lacks) and `.gpu/` (wrk and its libluajit, for the HTTP benches).
-# A copy of a checkout has no .git, so each result gets the commit it ran on from REVISION (send a clean tree).
+# A device copy of a checkout is not the project's git history, so each result gets the commit it ran on from
+# REVISION (send a clean tree).
 # Everything printed goes to $OUT/log.txt; the JSON results come back in $OUT/results.tar, as NAME-cuda.json:
 # unpack them into bench/results/, commit them, and fill the README's GPU column from them.
 set -u
@@ -37,7 +38,7 @@ import json, sys
 from pathlib import Path
 for path in Path(sys.argv[1]).glob("*.json"):
     result = json.loads(path.read_text())
-    if "revision" not in result and sys.argv[2]:
+    if sys.argv[2]:  # the copy's own .git, if any, is not the project's history
         path.write_text(json.dumps({**result, "revision": sys.argv[2], "dirty": False}) + "\n")
 PY
 tar -C "$out/results" -cf "$out/results.tar" . && rm -r "$out/results"
