@@ -21,7 +21,9 @@ declare -A LIMIT=([check]=150 [mixed_vs_single]=60 [mixed_vs_per_task]=60 [decod
   [server_vs_raw]=110 [continuous_vs_static]=110)
 declare -A ARGS=([train_vs_peft]="--repeats 10" [server_vs_raw]="--repeats 3 --warm-s 3 --seconds 5"
   [continuous_vs_static]="--repeats 2")
-for name in "$@"; do
+for named in "$@"; do  # NAME, or NAME:SECONDS for another limit
+  name=${named%%:*}
+  [ "$named" != "$name" ] && LIMIT[$name]=${named#*:}
   echo "== $name ($(date +%T), limit ${LIMIT[$name]:-90} s)"
   if [ "$name" = check ]; then
     timeout "${LIMIT[$name]}" python3 bench/gpu_check.py
