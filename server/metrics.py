@@ -1,13 +1,14 @@
 """Prometheus metrics. Never labelled by task, job or request id (unbounded cardinality), but for the one series
-of `softserve_engine_tasks_info`, replaced at each change, that the inference gateway's protocol asks for."""
+of `softserve_engine_tasks_info`, made at each scrape, that the inference gateway's protocol asks for."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -127,6 +128,46 @@ LEAVE_REASONS = ("eos", "length", "non_finite", "cancelled", "deadline", "shutdo
 TASK_INFO_LABELS = ("running_lora_adapters", "waiting_lora_adapters", "max_lora")
 
 
+@dataclass(frozen=True)
+class TaskNames:
+    """What `softserve_engine_tasks_info` says: the tasks with rows running and waiting, how many tasks can share a
+    step, and when the tasks last changed (Unix time)."""
+
+    running: Iterable[str]
+    waiting: Iterable[str]
+    max_tasks: int
+    changed_at: float
+
+
+class TasksInfo(Collector):
+    """`softserve_engine_tasks_info`: one series, made at each scrape from what `source` says then. Rows come and
+    go many times a second while a scrape comes every few; naming the tasks at each change cost every request
+    a sort and a new labelled child."""
+
+    NAME = "softserve_engine_tasks_info"
+    DOCUMENTATION = (
+        "One series whose labels name, comma-separated, the tasks (as a request's `model` names them) with rows "
+        "running and with rows waiting in this API process's engine rows, and how many tasks can share a step "
+        "(`max_lora`: `max_active_rows`); its value is when they last changed (Unix time). The label names are "
+        "vLLM's `lora_requests_info`, which an endpoint picker reads"
+    )
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.source: Callable[[], TaskNames] | None = None  # none until an engine client reports its rows
+        registry.register(self)
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(self.NAME, self.DOCUMENTATION, labels=TASK_INFO_LABELS)]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self.NAME, self.DOCUMENTATION, labels=TASK_INFO_LABELS)
+        if self.source is not None:
+            names = self.source()
+            labels = [",".join(sorted(names.running)), ",".join(sorted(names.waiting)), str(names.max_tasks)]
+            family.add_metric(labels, names.changed_at)
+        yield family
+
+
 class EngineMetrics:
     """The continuous engine as this API process sees it (its own rows; an engine shared by several API
     processes is the sum of theirs)."""
@@ -165,16 +206,7 @@ class EngineMetrics:
             "What the engine's row cache holds over what it may hold (`max_cached_tokens`), 0 to 1",
             registry=r,
         )
-        self.tasks_info = Gauge(
-            "softserve_engine_tasks_info",
-            "One series whose labels name, comma-separated, the tasks (as a request's `model` names them) with "
-            "rows running and with rows waiting in this API process's engine rows, and how many tasks can share a "
-            "step (`max_lora`: `max_active_rows`); its value is when it last changed (Unix time). The label "
-            "names are vLLM's `lora_requests_info`, which an endpoint picker reads",
-            TASK_INFO_LABELS,
-            registry=r,
-        )
-        self._task_labels: tuple[str, ...] | None = None  # the one series of `tasks_info` now
+        self.tasks_info = TasksInfo(r)
         self.pass_budget_spent = Histogram(
             "softserve_engine_pass_budget_spent_tokens",
             "Model work of one engine pass besides its decoder step, in tokens (at most the pass budget, but for a "
@@ -204,15 +236,6 @@ class EngineMetrics:
             "hung), or another engine answering at a shared engine's address",
             registry=r,
         )
-
-    def set_tasks(self, running: Iterable[str], waiting: Iterable[str], max_tasks: int) -> None:
-        """Replaces `tasks_info`'s one series, so the exposition never grows with the tasks seen. The new series
-        is made before the old one goes: a scrape in between sees both, and a picker takes the latest value."""
-        labels = (",".join(sorted(running)), ",".join(sorted(waiting)), str(max_tasks))
-        self.tasks_info.labels(*labels).set(time.time())
-        if self._task_labels not in (None, labels):
-            self.tasks_info.remove(*self._task_labels)
-        self._task_labels = labels
 
 
 class TrainingMetrics:

@@ -20,7 +20,7 @@ import yaml
 from pydantic import TypeAdapter
 
 from server.cli import build_parser
-from server.metrics import TASK_INFO_LABELS, ServerMetrics
+from server.metrics import TASK_INFO_LABELS, ServerMetrics, TaskNames
 from server.settings import Settings
 
 Manifest = dict[str, Any]
@@ -206,7 +206,7 @@ def exported_metrics() -> dict[str, list[str]]:
     """The name of every metric family the API exports, with its label names (the tasks' info series as the
     engine client first publishes it)."""
     metrics = ServerMetrics()
-    metrics.engine.set_tasks((), (), max_tasks=1)
+    metrics.engine.tasks_info.source = lambda: TaskNames((), (), max_tasks=1, changed_at=0.0)
     return {
         family.name: sorted({label for sample in family.samples for label in sample.labels})
         for family in metrics.registry.collect()

@@ -4,8 +4,10 @@ take more model work than the settings allow. Over real HTTP against the app, wi
 from __future__ import annotations
 
 import asyncio
+import gc
 import http.client
 import json
+import logging
 import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,10 +16,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 import torch
 
 from prompt_store import DiskStore, SoftPrompt, TaskMetadata
 from server.serving.model import Decoding, FrozenT5, Row
+from server.serving.service import TOKENIZE_INLINE_MAX_CHARS
 from server.settings import Settings
 from server.testing.reference import random_prompt
 from tests.prometheus import metric, wait_for_metric
@@ -156,7 +160,12 @@ class LoopWatchingT5(FrozenT5):
         return super().tokenize(texts)
 
 
-def test_texts_are_bounded_before_templating_and_tokenized_off_the_loop(tmp_path: Path, tiny: FrozenT5) -> None:
+def test_texts_are_bounded_before_templating_and_long_ones_tokenized_off_the_loop(
+    tmp_path: Path, tiny: FrozenT5
+) -> None:
+    """Texts are checked before they are templated or tokenized. A request's texts (templated) and labels of at
+    most `TOKENIZE_INLINE_MAX_CHARS` characters in all are tokenized on the event loop, where a worker thread would
+    cost more than the tokenizing; longer ones in a worker thread."""
     data_dir = tmp_path / "data"
     store_legacy_task(data_dir, "echo", random_prompt(3, tiny.d_model, 0), input_template="{input}" * 1000)
     watched = LoopWatchingT5(tiny)
@@ -173,9 +182,13 @@ def test_texts_are_bounded_before_templating_and_tokenized_off_the_loop(tmp_path
         assert message == "input 0 is 80000 characters once placed in the task's input template; the limit is 2000"
         assert watched.on_loop == []  # none of those reached the tokenizer
 
-        assert client.post("/v1/generate", json={"task_id": "echo", "inputs": "z"}).status_code == 200
+        assert client.post("/v1/generate", json={"task_id": "echo", "inputs": "z"}).status_code == 200  # 1,000 chars
         assert client.post("/v1/classify", json={"task_id": "t", "inputs": ["a", "b"]}).status_code == 200
-        assert watched.on_loop == [False, False]  # tokenized in a worker thread, never on the event loop
+        assert watched.on_loop == [False, True]
+        short, long = "a" * (TOKENIZE_INLINE_MAX_CHARS - 5), "a" * (TOKENIZE_INLINE_MAX_CHARS - 4)
+        for text in (short, long):  # with the labels' 5 characters: at the bound, and one past it
+            assert client.post("/v1/classify", json={"task_id": "t", "inputs": text}).status_code == 200
+        assert watched.on_loop == [False, True, True, False]
 
 
 # Finding 8: every request's model work is bounded
@@ -306,3 +319,19 @@ def test_a_decoding_group_is_exact_with_its_own_sampling_warpers(tiny: FrozenT5)
                 decoder_start_token_id=tiny.model.config.decoder_start_token_id,
             )[0, 1:].tolist()
         assert ours.token_ids == reference[: len(ours.token_ids)]
+
+
+def test_a_client_that_leaves_mid_request_leaves_no_error_in_the_log(
+    tmp_path: Path, tiny: FrozenT5, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The rows of a request whose client left are cancelled; their gathering future must not end up in asyncio's
+    "exception was never retrieved" errors (one per request, at every disconnect under load)."""
+    body = generate_body("long", [LONG_INPUT] * 4, max_new_tokens=256, ignore_eos=True)
+    with serving(tmp_path, tiny) as client:
+        upload(client, "long", long_prompt(tiny))
+        with pending_request(client, "/v1/generate", body):
+            wait_for_metric(client, "softserve_engine_active_rows", 4)
+        wait_for_metric(client, "softserve_engine_rows_left_total", 4, reason="cancelled")
+        gc.collect()  # asyncio reports an unretrieved exception when its future is collected
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors == []

@@ -1,4 +1,7 @@
-"""Small dependency functions: routes reach the components kept on `app.state`."""
+"""Small dependency functions: routes reach the components kept on `app.state`.
+
+They are `async def` though none of them waits: FastAPI runs a plain `def` dependency on a worker thread, and that
+hop costs more CPU than the function itself (the keys file's `stat` is the only system call among them)."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from server.registry.listing import MAX_CURSOR_CHARS, MAX_PAGE_SIZE
 from server.tenancy.keys import Caller
 
 
-def components(request: Request) -> Components:
+async def components(request: Request) -> Components:
     state = request.app.state.lifecycle
     if state.components is None:
         raise NotReady(f"the server is not ready ({state.phase})")
@@ -24,7 +27,7 @@ def components(request: Request) -> Components:
 ACT_AS_HEADER = "x-softserve-tenant"
 
 
-def caller(request: Request) -> Caller:
+async def caller(request: Request) -> Caller:
     """The tenant is decided by the key; an admin key may act for another tenant with a header. An anonymous
     caller of an open server is never an admin, so the header always needs a real admin key."""
     who = request.app.state.lifecycle.api_keys.authenticate(request.headers.get("authorization"))
@@ -38,8 +41,8 @@ def caller(request: Request) -> Caller:
     return Caller(act_as, admin=True)
 
 
-def admin(request: Request) -> Caller:
-    who = caller(request)
+async def admin(request: Request) -> Caller:
+    who = await caller(request)
     if not who.admin:
         raise Forbidden("this route needs an admin key")
     return who
@@ -49,7 +52,7 @@ async def management_budget(request: Request, who: Annotated[Caller, Depends(cal
     """Charges the caller's tenant 1 of its management budget (every authenticated route but inference, which has a
     budget of its own; a listing also `spend`s 1 per task it read). A refusal is answered after `shed_delay_ms`, as a
     shed request is: a client looping on 429s then waits instead of taking the server's time from everyone else."""
-    rt = components(request)
+    rt = await components(request)
     try:
         await rt.management.admit(who.tenant)
     except RateLimited:

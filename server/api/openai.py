@@ -35,7 +35,7 @@ generation_router = APIRouter(prefix="/v1", tags=["openai"], responses=ERRORS)
 Who = Annotated[Caller, Depends(caller)]
 
 
-def openai_service(rt: Annotated[Components, Depends(components)]) -> OpenAIService:
+async def openai_service(rt: Annotated[Components, Depends(components)]) -> OpenAIService:
     return OpenAIService(rt.inference)
 
 
@@ -108,7 +108,3 @@ async def chunk_events(request: Request, chunks: AsyncGenerator[dict[str, Any], 
         return
     yield "data: [DONE]\n\n"
 
-
-router = APIRouter()
-router.include_router(models_router)
-router.include_router(generation_router)

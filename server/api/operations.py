@@ -48,7 +48,7 @@ async def ready(request: Request) -> JSONResponse:
 async def metrics(request: Request) -> Response:
     lifecycle = request.app.state.lifecycle
     if lifecycle.settings.metrics_require_key:
-        admin(request)
+        await admin(request)
     return Response(lifecycle.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 

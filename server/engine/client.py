@@ -29,7 +29,7 @@ from server.engine.protocol import (
     Token,
 )
 from server.errors import InvalidInput, Overloaded
-from server.metrics import ServerMetrics
+from server.metrics import ServerMetrics, TaskNames
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class EngineClient:
         self._rows: dict[int, RowEvents] = {}
         self._submitted_at: dict[int, float] = {}  # generate rows not yet given their first token
         self._tasks = TaskRows()
-        self._publish_tasks()
+        metrics.engine.tasks_info.source = self._task_names
 
     async def start(self) -> None:
         await self.link.start(self._deliver, self._down, self._up)
@@ -96,7 +96,6 @@ class EngineClient:
             self._submitted_at[request.request_id] = now
             self._tasks.add(request.request_id, task, waiting=isinstance(request, GenerateRow))
         self.link.submit(requests)
-        self._publish_tasks()
         return queues
 
     def cancel(self, request_ids: list[int]) -> None:
@@ -108,7 +107,6 @@ class EngineClient:
             self._tasks.remove(request_id)
         if live and self.healthy:
             self.link.cancel(live)
-        self._publish_tasks()
 
     def _deliver(self, events: list[Event], stats: StepStats) -> None:
         metrics = self.metrics.engine
@@ -146,7 +144,6 @@ class EngineClient:
         metrics.pass_budget_spent.observe(stats.budget_spent)
         for reason, count in stats.left.items():
             metrics.rows_left.labels(reason).inc(count)
-        self._publish_tasks()
 
     def _down(self, reason: str) -> None:
         if self.healthy:
@@ -165,12 +162,10 @@ class EngineClient:
         m = self.metrics.engine
         for gauge in (m.active_rows, m.waiting_rows, m.pending_rows, m.running_rows, m.cache_tokens, m.cache_usage):
             gauge.set(0)
-        self._publish_tasks()
 
-    def _publish_tasks(self) -> None:
-        if self._tasks.changed:
-            running, waiting = self._tasks.names()
-            self.metrics.engine.set_tasks(running, waiting, self.limits.max_active_rows)
+    def _task_names(self) -> TaskNames:
+        running, waiting = self._tasks.names()
+        return TaskNames(running, waiting, self.limits.max_active_rows, self._tasks.changed_at)
 
     def _up(self) -> None:
         if not self.healthy:
@@ -181,32 +176,31 @@ class EngineClient:
 
 class TaskRows:
     """Which task each of this process's rows serves, and whether the row waits for a place or runs: the names
-    of `softserve_engine_tasks_info`, recomputed only when a row comes, starts or goes."""
+    of `softserve_engine_tasks_info`, named when it is scraped."""
 
     def __init__(self) -> None:
         self._task: dict[int, str] = {}
         self._waiting: set[int] = set()
-        self.changed = True
+        self.changed_at = time.time()  # when a row last came, started or went (Unix time)
 
     def add(self, request_id: int, task: str, waiting: bool) -> None:
         self._task[request_id] = task
         if waiting:
             self._waiting.add(request_id)
-        self.changed = True
+        self.changed_at = time.time()
 
     def start(self, request_id: int) -> None:
         if request_id in self._waiting:
             self._waiting.discard(request_id)
-            self.changed = True
+            self.changed_at = time.time()
 
     def remove(self, request_id: int) -> None:
         if self._task.pop(request_id, None) is not None:
             self._waiting.discard(request_id)
-            self.changed = True
+            self.changed_at = time.time()
 
     def names(self) -> tuple[set[str], set[str]]:
         """The tasks with a running row, and those with a waiting row (a task may be in both)."""
-        self.changed = False
         waiting = Counter(self._task[i] for i in self._waiting)
         running = Counter(self._task.values()) - waiting
         return {t for t in running if t}, {t for t in waiting if t}
