@@ -82,6 +82,13 @@ class ServerMetrics:
             Counter("softserve_rejections_total", "Requests refused, by reason (error code)", ["reason"], registry=r),
             known.rejection_reasons,
         )
+        self.shed_delay = Histogram(
+            "softserve_shed_delay_seconds",
+            "How long each request shed because the queue was full waited for its 503 (`shed_delay_ms`, doubling "
+            "for each refusal in a row on one connection up to `shed_delay_max_ms`)",
+            buckets=(0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0),
+            registry=r,
+        )
         self.dropped_rows = Counter(
             "softserve_dropped_rows_total",
             "Queued rows dropped before inference (client gone or deadline)",

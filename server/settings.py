@@ -96,6 +96,15 @@ class Settings(BaseSettings):
         description="a request shed because the queue is full gets its 503 after this delay, so that clients "
         "retrying at once cannot take the server's time from the requests it is serving",
     )
+    shed_delay_max_ms: float = Field(
+        4000.0,
+        ge=0,
+        le=60_000,
+        description="each refusal in a row on one connection waits twice as long as the one before, from "
+        "`shed_delay_ms` up to this (a request taken on it starts again from `shed_delay_ms`): a client that "
+        "retries a 503 at once, ignoring Retry-After, costs the server fewer refusals a second (at most "
+        "`shed_delay_ms` to disable)",
+    )
     prompt_cache_mb: float = Field(512.0, gt=0, description="device prompt cache budget")
     preload_tasks: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -55,6 +55,38 @@ def test_a_full_engine_sheds_before_the_body_is_read(tmp_path: Path, tiny: Froze
         assert client.post("/v1/generate", json={"task_id": "t", "inputs": ["x"] * 4}).status_code == 200
 
 
+def test_refusals_in_a_row_on_one_connection_wait_twice_as_long_each_until_one_is_taken(
+    tmp_path: Path, tiny: FrozenT5
+) -> None:
+    """A client retrying its 503s at once on one connection waits 50, 100, 150 (the cap), 150 ms for them; a request
+    taken on the connection starts it again, and another connection's first refusal waits the first delay. The
+    waits are read from `softserve_shed_delay_seconds`: what the server chose, not a wall-clock timing."""
+    delays = {"shed_delay_ms": 50, "shed_delay_max_ms": 150}
+    body = {"task_id": "t", "inputs": ["x"]}
+    with serving(tmp_path, tiny, max_queue_size=4, **delays, **UNENDING_LIMITS) as client:
+        upload(client, "t", random_prompt(5, tiny.d_model, seed=1))
+        fill = generate_body("t", ["x"] * 4, **UNENDING)
+
+        def waited() -> tuple[float, float]:
+            text = client.get("/metrics").text
+            return metric(text, "softserve_shed_delay_seconds_count"), metric(text, "softserve_shed_delay_seconds_sum")
+
+        with httpx.Client(base_url=client.base_url, timeout=30) as one_connection:
+            with pending_request(client, "/v1/generate", fill):
+                wait_for_metric(client, "softserve_engine_active_rows", 4)
+                for _ in range(4):
+                    assert one_connection.post("/v1/generate", json=body).status_code == 503
+                assert waited() == (4, pytest.approx(0.05 + 0.1 + 0.15 + 0.15))
+                assert client.post("/v1/generate", json=body).status_code == 503  # another connection
+                assert waited() == (5, pytest.approx(0.5))
+            wait_for_metric(client, "softserve_engine_active_rows", 0)
+            assert one_connection.post("/v1/generate", json=body).status_code == 200
+            with pending_request(client, "/v1/generate", fill):
+                wait_for_metric(client, "softserve_engine_active_rows", 4)
+                assert one_connection.post("/v1/generate", json=body).status_code == 503
+                assert waited() == (6, pytest.approx(0.55))  # started again
+
+
 @pytest.mark.timing
 def test_a_deadline_mid_generation_is_504_and_the_row_leaves(tmp_path: Path, tiny: FrozenT5) -> None:
     with serving(tmp_path, tiny, request_timeout_s=0.5, **UNENDING_LIMITS) as client:

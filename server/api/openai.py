@@ -107,4 +107,3 @@ async def chunk_events(request: Request, chunks: AsyncGenerator[dict[str, Any], 
         yield server_event(error_body(request, error))
         return
     yield "data: [DONE]\n\n"
-
