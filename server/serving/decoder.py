@@ -14,6 +14,7 @@ row's logits match `model.generate` within rounding and its greedy tokens are th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -144,26 +145,55 @@ class RowState:
     cross_kv: torch.Tensor
 
 
-class LeanDecoder:
-    """The decoder of a frozen `T5ForConditionalGeneration`, run one token per row per call."""
+class LeanStack:
+    """What T5's encoder and decoder stacks share, as `transformers` computes it: the RMS norm, attention without
+    scaling, the feed-forward, and the relative position bias (held by the first block)."""
 
-    def __init__(self, model: T5ForConditionalGeneration) -> None:
+    def __init__(self, model: T5ForConditionalGeneration, stack: torch.nn.Module) -> None:
         config = model.config
-        decoder = model.decoder
-        self.model = model
         self.heads = config.num_heads
         self.head_dim = config.d_kv
         self.eps = config.layer_norm_epsilon
-        self.start_token = config.decoder_start_token_id
-        self.scale_output = config.d_model**-0.5 if getattr(config, "scale_decoder_outputs", False) else None
         self.act = ACT2FN[config.dense_act_fn]
-        self.embed = decoder.embed_tokens
-        first = decoder.block[0].layer[0].SelfAttention
+        first = stack.block[0].layer[0].SelfAttention
         self.position_bias = first.relative_attention_bias
         self.num_buckets = first.relative_attention_num_buckets
         self.max_distance = first.relative_attention_max_distance
-        self.blocks = [_Block.of(block) for block in decoder.block]
-        self.final_norm = decoder.final_layer_norm.weight
+        self.final_norm = stack.final_layer_norm.weight
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """T5 attention: no scaling, the position bias (and mask) added to the scores; one fused call. `q` is
+        `[n, heads, queries, head_dim]` (or `[n, heads, head_dim]` for one query); returns `[n, queries, inner]`."""
+        if q.dim() == 3:
+            q = q.unsqueeze(2)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=1.0)
+        return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], self.heads * self.head_dim)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(weight.dtype)
+        return weight * x
+
+    def _feed_forward(self, h: torch.Tensor, block: FeedForward) -> torch.Tensor:
+        hidden = self.act(h @ block.ff_in.T)
+        if block.ff_gate is not None:  # gated-GELU (T5 v1.1): the activation times a second projection
+            hidden = hidden * (h @ block.ff_gate.T)
+        return hidden.to(block.ff_out.dtype) @ block.ff_out.T
+
+
+class LeanDecoder(LeanStack):
+    """The decoder of a frozen `T5ForConditionalGeneration`, run one token per row per call."""
+
+    def __init__(self, model: T5ForConditionalGeneration) -> None:
+        super().__init__(model, model.decoder)
+        config = model.config
+        self.model = model
+        self.start_token = config.decoder_start_token_id
+        self.scale_output = config.d_model**-0.5 if getattr(config, "scale_decoder_outputs", False) else None
+        self.embed = model.decoder.embed_tokens
+        self.blocks = [_Block.of(block) for block in model.decoder.block]
         self.lm_head = model.lm_head.weight
         self.device = self.lm_head.device
         self.dtype = self.lm_head.dtype
@@ -259,14 +289,6 @@ class LeanDecoder:
         bias = self.position_bias(buckets).permute(2, 0, 1).unsqueeze(0)  # [1, heads, T, T]
         return bias.masked_fill(relative > 0, float("-inf"))
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """T5 attention: no scaling, the position bias (and mask) added to the scores; one fused call. `q` is
-        `[n, heads, queries, head_dim]` (or `[n, heads, head_dim]` for one query); returns `[n, queries, inner]`."""
-        if q.dim() == 3:
-            q = q.unsqueeze(2)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=1.0)
-        return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], self.heads * self.head_dim)
-
     def _self_bias(self, positions: torch.Tensor, width: int) -> torch.Tensor:
         """T5's decoder bias for each row's query at its own position over keys `0..width-1`; keys past the
         query are masked."""
@@ -277,25 +299,28 @@ class LeanDecoder:
         bias = self.position_bias(buckets).permute(0, 2, 1).unsqueeze(2)  # [n, heads, 1, width]
         return bias.masked_fill((relative > 0)[:, None, None, :], float("-inf"))
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.eps)
-        if weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(weight.dtype)
-        return weight * x
-
-    def _feed_forward(self, h: torch.Tensor, block: _Block) -> torch.Tensor:
-        hidden = self.act(h @ block.ff_in.T)
-        if block.ff_gate is not None:  # gated-GELU (T5 v1.1): the activation times a second projection
-            hidden = hidden * (h @ block.ff_gate.T)
-        return hidden.to(block.ff_out.dtype) @ block.ff_out.T
-
 
 def _additive_mask(lengths: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
     """`[n, 1, 1, width]`: 0 over each row's first `lengths[i]` keys, -inf past them."""
     past = torch.arange(width, device=lengths.device)[None, :] >= lengths[:, None]
     mask = torch.zeros(past.shape, dtype=dtype, device=lengths.device).masked_fill(past, float("-inf"))
     return mask[:, None, None, :]
+
+
+class FeedForward(Protocol):
+    """A block's feed-forward weights (`ff_gate` in gated-GELU T5 v1.1 only)."""
+
+    ff_in: torch.Tensor
+    ff_gate: torch.Tensor | None
+    ff_out: torch.Tensor
+
+
+def feed_forward_weights(ff: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """`ff_in`, `ff_gate` and `ff_out` of a `T5LayerFF`."""
+    dense = ff.DenseReluDense
+    if hasattr(dense, "wi_0"):
+        return dense.wi_0.weight, dense.wi_1.weight, dense.wo.weight
+    return dense.wi.weight, None, dense.wo.weight
 
 
 class _Block:
@@ -316,7 +341,7 @@ class _Block:
     @classmethod
     def of(cls, block: torch.nn.Module) -> _Block:
         self_attention, cross_attention, ff = block.layer
-        sa, ca, dense = self_attention.SelfAttention, cross_attention.EncDecAttention, ff.DenseReluDense
+        sa, ca = self_attention.SelfAttention, cross_attention.EncDecAttention
         weights = cls()
         weights.self_norm = self_attention.layer_norm.weight
         weights.self_qkv = torch.cat([sa.q.weight, sa.k.weight, sa.v.weight])
@@ -326,9 +351,5 @@ class _Block:
         weights.cross_kv = torch.cat([ca.k.weight, ca.v.weight])
         weights.cross_out = ca.o.weight
         weights.ff_norm = ff.layer_norm.weight
-        if hasattr(dense, "wi_0"):
-            weights.ff_in, weights.ff_gate = dense.wi_0.weight, dense.wi_1.weight
-        else:
-            weights.ff_in, weights.ff_gate = dense.wi.weight, None
-        weights.ff_out = dense.wo.weight
+        weights.ff_in, weights.ff_gate, weights.ff_out = feed_forward_weights(ff)
         return weights

@@ -34,6 +34,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from server.engine.protocol import TokenLogprobs
 from server.serving.decoder import LeanDecoder
+from server.serving.encoder import LeanEncoder
 from server.serving.grammar import Grammars, grammar_tokenizer
 from server.serving.hub import cache_only, log_hub_records_once
 from server.serving.load_errors import checked_device, load_failure
@@ -172,6 +173,7 @@ class FrozenT5:
         self._embed = self.model.get_input_embeddings()
         self._suppress = [SuppressUndecodable(self.decodable_vocab)] if self.decodable_vocab < config.vocab_size else []
         self.decoder = LeanDecoder(self.model)  # label scoring; the engine's steps use one of their own
+        self.encoder = LeanEncoder(self.model)
 
     @classmethod
     def load(cls, name: str, device: str = "auto", dtype: str = "auto") -> FrozenT5:
@@ -232,8 +234,7 @@ class FrozenT5:
     @torch.inference_mode()
     def encode(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, mask = self.layout(rows)
-        hidden = self.model.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        return hidden, mask
+        return self.encoder(embeds, mask), mask
 
     @torch.inference_mode()
     def embed(self, rows: list[Row]) -> torch.Tensor:
