@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import itertools
 import json
 import math
 import os
@@ -368,16 +369,19 @@ def send_junk(socket: zmq.Socket, rng: random.Random, count: int) -> None:
     sync(socket)
 
 
-JUNK_MESSAGES = 5000
-RSS_GROWTH_LIMIT_KIB = 16 * 1024
+JUNK_ROUNDS = 3
+JUNK_MESSAGES = 2500  # per round
+RSS_GROWTH_LIMIT_KIB = 8 * 1024  # per round: a leak of 3.3 KiB a message or more fails
 
 
 def test_thousands_of_junk_frames_leave_the_engine_serving_with_flat_memory(
     curve_engine: tuple[str, Path, subprocess.Popen[bytes]], tiny: FrozenT5
 ) -> None:
     """From an authorised client (the worst a stranger could do once it has a key, or a broken client): the
-    engine drops or answers each message, and afterwards serves a row exactly, its RSS grown by less than
-    `RSS_GROWTH_LIMIT_KIB` after a warm-up round."""
+    engine drops or answers each message, and afterwards serves a row exactly. Memory stays flat: after a warm-up
+    round, a leak would grow RSS in every round of `JUNK_MESSAGES`, so the rounds after the first must not all grow
+    by `RSS_GROWTH_LIMIT_KIB` (one round may: a new shape's buffers, the allocator's arenas under a busy machine;
+    one grew 17.6 MiB in a full suite run while its neighbours grew 3-11)."""
     address, keys, engine = curve_engine
     rng = random.Random(18)
     with zmq.Context() as context:
@@ -387,12 +391,14 @@ def test_thousands_of_junk_frames_leave_the_engine_serving_with_flat_memory(
         # Warm-up: the junk that stays valid is served, and the model's first passes of each shape fill torch's
         # caches (about 20 MiB on `tiny`); after it RSS moves by a few MiB either way.
         send_junk(socket, rng, 1000)
-        before = rss_kib(engine.pid)
-        send_junk(socket, rng, JUNK_MESSAGES)
-        after = rss_kib(engine.pid)
+        readings = [rss_kib(engine.pid)]
+        for _ in range(JUNK_ROUNDS):
+            send_junk(socket, rng, JUNK_MESSAGES)
+            readings.append(rss_kib(engine.pid))
     assert engine.poll() is None
-    assert after - before < RSS_GROWTH_LIMIT_KIB, (before, after)
-    print(f"engine RSS {before} KiB -> {after} KiB after {JUNK_MESSAGES} junk messages")
+    growth = [after - before for before, after in itertools.pairwise(readings)]
+    assert min(growth[1:]) < RSS_GROWTH_LIMIT_KIB, readings
+    print(f"engine RSS by round (KiB): {readings}")
 
     async def served() -> None:
         async with linked(engine_settings(engine_address=address, engine_keys_dir=keys)) as (link, recorder):
