@@ -161,6 +161,13 @@ class LeanStack:
         self.max_distance = first.relative_attention_max_distance
         self.final_norm = stack.final_layer_norm.weight
 
+    def _position_bias(self, relative: torch.Tensor, bidirectional: bool) -> torch.Tensor:
+        """T5's learned bias for each relative position (key - query) in `relative`: `[*relative.shape, heads]`."""
+        buckets = T5Attention._relative_position_bucket(
+            relative, bidirectional=bidirectional, num_buckets=self.num_buckets, max_distance=self.max_distance
+        )
+        return self.position_bias(buckets)
+
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """T5 attention: no scaling, the position bias (and mask) added to the scores; one fused call. `q` is
         `[n, heads, queries, head_dim]` (or `[n, heads, head_dim]` for one query); returns `[n, queries, inner]`."""
@@ -226,7 +233,7 @@ class LeanDecoder(LeanStack):
         cache.reserve(n, longest, cache.cross_kv.shape[4])
         encoder_width = int(cache.encoder_lengths[:n].max())
         self_bias = self._self_bias(positions, longest)  # [n, heads, 1, longest], the causal mask folded in
-        cross_mask = _additive_mask(cache.encoder_lengths[:n], encoder_width, self.dtype)
+        cross_mask = additive_mask(cache.encoder_lengths[:n], encoder_width, self.dtype)
         rows = torch.arange(n, device=self.device)
         x = self.embed(tokens.view(n, 1))
         for layer, block in enumerate(self.blocks):
@@ -260,7 +267,7 @@ class LeanDecoder(LeanStack):
         candidates, length = decoder_ids.shape
         width = hidden.shape[1]
         bias = self._causal_bias(length)  # [1, heads, T, T]
-        cross_mask = _additive_mask(mask.sum(dim=1)[owners], width, self.dtype)
+        cross_mask = additive_mask(mask.sum(dim=1)[owners], width, self.dtype)
         rows, slot = torch.unique(owners, return_inverse=True)  # only the rows these candidates decode against
         encoded = hidden[rows]
         x = self.embed(decoder_ids)
@@ -283,24 +290,18 @@ class LeanDecoder(LeanStack):
     def _causal_bias(self, length: int) -> torch.Tensor:
         positions = torch.arange(length, device=self.device)
         relative = positions[None, :] - positions[:, None]  # key - query, [T, T]
-        buckets = T5Attention._relative_position_bucket(
-            relative, bidirectional=False, num_buckets=self.num_buckets, max_distance=self.max_distance
-        )
-        bias = self.position_bias(buckets).permute(2, 0, 1).unsqueeze(0)  # [1, heads, T, T]
+        bias = self._position_bias(relative, bidirectional=False).permute(2, 0, 1).unsqueeze(0)  # [1, heads, T, T]
         return bias.masked_fill(relative > 0, float("-inf"))
 
     def _self_bias(self, positions: torch.Tensor, width: int) -> torch.Tensor:
         """T5's decoder bias for each row's query at its own position over keys `0..width-1`; keys past the
         query are masked."""
         relative = torch.arange(width, device=self.device)[None, :] - positions[:, None]  # [n, width]
-        buckets = T5Attention._relative_position_bucket(
-            relative, bidirectional=False, num_buckets=self.num_buckets, max_distance=self.max_distance
-        )
-        bias = self.position_bias(buckets).permute(0, 2, 1).unsqueeze(2)  # [n, heads, 1, width]
+        bias = self._position_bias(relative, bidirectional=False).permute(0, 2, 1).unsqueeze(2)  # [n, heads, 1, width]
         return bias.masked_fill((relative > 0)[:, None, None, :], float("-inf"))
 
 
-def _additive_mask(lengths: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+def additive_mask(lengths: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
     """`[n, 1, 1, width]`: 0 over each row's first `lengths[i]` keys, -inf past them."""
     past = torch.arange(width, device=lengths.device)[None, :] >= lengths[:, None]
     mask = torch.zeros(past.shape, dtype=dtype, device=lengths.device).masked_fill(past, float("-inf"))

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import torch
 from transformers import T5ForConditionalGeneration
-from transformers.models.t5.modeling_t5 import T5Attention
 
-from server.serving.decoder import LeanStack, feed_forward_weights
+from server.serving.decoder import LeanStack, additive_mask, feed_forward_weights
 
 
 class _EncoderBlock:
@@ -45,15 +44,9 @@ class LeanEncoder(LeanStack):
         padding); returns `[n, width, d_model]`."""
         n, width, _ = embeds.shape
         positions = torch.arange(width, device=embeds.device)
-        buckets = T5Attention._relative_position_bucket(
-            positions[None, :] - positions[:, None],  # key - query
-            bidirectional=True,
-            num_buckets=self.num_buckets,
-            max_distance=self.max_distance,
-        )
-        bias = self.position_bias(buckets).permute(2, 0, 1).unsqueeze(0)  # [1, heads, width, width]
-        padding = torch.zeros(mask.shape, dtype=bias.dtype, device=mask.device).masked_fill(mask == 0, float("-inf"))
-        bias = bias + padding[:, None, None, :]  # [n, heads, width, width]
+        bias = self._position_bias(positions[None, :] - positions[:, None], bidirectional=True)  # key - query
+        # [n, heads, width, width]: the bias, and each row's padding (its tokens come first) masked
+        bias = bias.permute(2, 0, 1).unsqueeze(0) + additive_mask(mask.sum(dim=1), width, bias.dtype)
         x = embeds
         for block in self.blocks:
             h = self._norm(x, block.self_norm)
