@@ -26,6 +26,7 @@ from server.metrics import KnownLabels, ServerMetrics
 from server.registry.registry import PROMPT_SOURCES
 from server.serving.model import FrozenT5
 from server.settings import Settings
+from server.stopping import cancel_and_wait
 
 # Every labelled metric's series exist at 0 from the start (dashboards and alerts see 0, not "no data").
 KNOWN_LABELS = KnownLabels(rejection_reasons=REJECTION_REASONS, prompt_sources=PROMPT_SOURCES, job_states=JOB_STATES)
@@ -50,8 +51,7 @@ def create_app(settings: Settings | None = None, model: FrozenT5 | None = None) 
         # Start in the background so /health and /ready answer while the model loads.
         starting = asyncio.create_task(lifecycle.start(model))
         yield
-        starting.cancel()
-        await asyncio.gather(starting, return_exceptions=True)
+        await cancel_and_wait(starting)
         await lifecycle.stop()
 
     app = FastAPI(

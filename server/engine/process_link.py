@@ -61,6 +61,7 @@ from server.engine.wire import (
 from server.metrics import EngineMetrics
 from server.serving.load_errors import ModelLoadError
 from server.settings import Settings
+from server.stopping import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +147,7 @@ class ProcessLink:
         self._send(Cancel(request_ids))
 
     async def stop(self) -> None:
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+        await cancel_and_wait(self._supervisor)
         await self._disconnect()
         await self._end_child(STOP_WAIT_S)
         self._context.destroy(linger=0)
@@ -215,11 +213,7 @@ class ProcessLink:
                 )
 
     async def _disconnect(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
         if self._socket is not None:
             self._socket.close(linger=0)

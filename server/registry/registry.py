@@ -35,6 +35,7 @@ from prompt_store.store import LoadSource
 from server.metrics import ServerMetrics
 from server.registry.device_cache import DevicePromptCache
 from server.registry.listing import TaskPage, decode_cursor, encode_cursor
+from server.stopping import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -400,6 +401,4 @@ class PromptRegistry:
 
     async def stop(self) -> None:
         await self.flush_usage()
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await cancel_and_wait(*self._background)

@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 from prompt_store import PromptStoreError, RedisStore
 from server.metrics import ServerMetrics, zero_series
 from server.registry.registry import PromptRegistry
+from server.stopping import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,7 @@ class RegistrySync:
             log.warning("Redis registry not reachable at start-up; serving from the disk mirror (degraded)")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)  # a cancel can land as a Redis read times out: see `server.stopping`
         await self._client.aclose()
 
     async def _run(self) -> None:

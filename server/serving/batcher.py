@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from server.errors import InferenceFailed, InvalidInput, Overloaded
+from server.stopping import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +88,8 @@ class TenantFairBatcher(Generic[P, R]):
 
     async def stop(self) -> None:
         """Stops taking batches; rows still queued fail with `Overloaded`."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         for queue in self._queues.values():
             for item in queue:
                 if not item.future.done():

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import subprocess
@@ -19,6 +20,8 @@ import uvicorn
 from server.app import create_app
 from server.serving.model import FrozenT5
 from server.settings import Settings
+
+STOP_WAIT_S = 30.0
 
 
 def free_port() -> int:
@@ -42,7 +45,10 @@ def running_server(settings: Settings, model: FrozenT5 | None = None, timeout_s:
         yield base_url
     finally:
         server.should_exit = True
-        thread.join(timeout=30)
+        thread.join(timeout=STOP_WAIT_S)
+        if thread.is_alive():  # a server that cannot stop is a bug to show, not a wait that ends in a pass
+            faulthandler.dump_traceback(sys.stderr)
+            raise RuntimeError(f"the server at {base_url} did not stop within {STOP_WAIT_S:g} s (stacks on stderr)")
 
 
 def wait_ready(base_url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
