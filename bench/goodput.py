@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -115,7 +116,12 @@ def main(argv: list[str] | None = None) -> None:
     require_wrk("goodput")
     args = parser(__doc__.splitlines()[0], repeats=4)
     args.add_argument("--seconds", type=int, default=10, help="length of each wrk run")
-    args.add_argument("--engine", choices=["process", "thread"], default="process", help="the continuous engine's")
+    args.add_argument(
+        "--engine",
+        choices=["process", "thread"],
+        default=os.environ.get("SOFTSERVE_ENGINE", "process"),
+        help="where the continuous engine runs (default: `SOFTSERVE_ENGINE`, else its own process)",
+    )
     options = args.parse_args(argv)
     repeats = 1 if options.quick else options.repeats
     if options.quick:

@@ -31,6 +31,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """`softserve serve` in its own process; flags and SOFTSERVE_* variables both configure it."""
     port = free_port()
     env = {**os.environ, "SOFTSERVE_DATA_DIR": str(tmp_path / "data"), "SOFTSERVE_MAX_WAIT_MS": "1"}
+    env["SOFTSERVE_ENGINE"] = "thread"  # the CLI is tested, not the engine process
     process = subprocess.Popen([*SOFTSERVE, "serve", "--port", str(port)], env=env, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:

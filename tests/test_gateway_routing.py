@@ -86,6 +86,7 @@ def pick(replicas: list[httpx.Client], task: str) -> int:
 @contextmanager
 def replica(redis: RedisServer, data_dir: Path) -> Iterator[httpx.Client]:
     flags = ["--store", "redis", "--redis-url", redis.url, "--max-active-rows", "2", "--cpu-threads", "1"]
+    flags += ["--engine", "thread"]  # the protocol's gauges are the engine's wherever it runs
     flags += ["--max-new-tokens", "8192", "--max-beam-tokens", "8192"]
     with server_process(data_dir, *flags) as (_, url), httpx.Client(base_url=url, timeout=60) as client:
         yield client

@@ -41,41 +41,55 @@ HEALTH_P99_S = 0.25  # the old code stalled /health 7-10 s on one such body; a l
 def repeated(head: bytes, item: bytes, tail: bytes, size: int) -> bytes:
     """`head` + `item` repeated (comma-separated) to about `size` bytes + `tail`."""
     count = max(1, (size - len(head) - len(tail)) // (len(item) + 1))
-    return head + b",".join([item] * count) + tail
+    return head + (item + b",") * (count - 1) + item + tail  # a bytes product: no list of millions of items
 
 
-def body_shapes(size: int) -> dict[str, tuple[str, bytes]]:
-    """(route, body) of about `size` bytes in every shape a request schema lets a client grow."""
+def body_shapes(size: int) -> Iterator[tuple[str, str, bytes]]:
+    """(name, route, body) of about `size` bytes in every shape a request schema lets a client grow; each body is
+    built when its turn comes, so only one is held at a time."""
     chat = b'{"model": "t", "messages": [{"role": "user", "content": ['
-    return {
-        "chat content parts": ("/v1/chat/completions", repeated(chat, b'{"type":"text","text":""}', b"]}]}", size)),
+    shapes: dict[str, tuple[str, Callable[[], bytes]]] = {
+        "chat content parts": (
+            "/v1/chat/completions",
+            lambda: repeated(chat, b'{"type":"text","text":""}', b"]}]}", size),
+        ),
         "chat messages": (
             "/v1/chat/completions",
-            repeated(b'{"model": "t", "messages": [', b'{"role":"user","content":""}', b"]}", size),
+            lambda: repeated(b'{"model": "t", "messages": [', b'{"role":"user","content":""}', b"]}", size),
         ),
         "logit_bias": (
             "/v1/chat/completions",
-            b'{"model": "t", "messages": [{"role": "user", "content": "x"}], "logit_bias": {'
-            + b",".join(b'"%d":1' % i for i in range(size // 12))
-            + b"}}",
+            lambda: (
+                b'{"model": "t", "messages": [{"role": "user", "content": "x"}], "logit_bias": {'
+                + ",".join(map('"{}":1'.format, range(size // 12))).encode()
+                + b"}}"
+            ),
         ),
-        "tools": ("/v1/chat/completions", repeated(b'{"model": "t", "messages": [], "tools": [', b"{}", b"]}", size)),
-        "prompt list": ("/v1/completions", repeated(b'{"model": "t", "prompt": [', b'""', b"]}", size)),
-        "generate inputs": ("/v1/generate", repeated(b'{"task_id": "t", "inputs": [', b'""', b"]}", size)),
+        "tools": (
+            "/v1/chat/completions",
+            lambda: repeated(b'{"model": "t", "messages": [], "tools": [', b"{}", b"]}", size),
+        ),
+        "prompt list": ("/v1/completions", lambda: repeated(b'{"model": "t", "prompt": [', b'""', b"]}", size)),
+        "generate inputs": ("/v1/generate", lambda: repeated(b'{"task_id": "t", "inputs": [', b'""', b"]}", size)),
         "classify labels": (
             "/v1/classify",
-            repeated(b'{"task_id": "t", "inputs": "x", "labels": [', b'"a"', b"]}", size),
+            lambda: repeated(b'{"task_id": "t", "inputs": "x", "labels": [', b'"a"', b"]}", size),
         ),
-        "nested brackets": ("/v1/generate", b"[" * size),
-        "nested objects": ("/v1/generate", b'{"a":' * (size // 5)),
-        "numbers": ("/v1/generate", repeated(b'{"task_id": "t", "inputs": "x", "version": [', b"1", b"]}", size)),
-        "giant string": ("/v1/generate", b'{"task_id": "t", "inputs": "' + b"x" * size + b'"}'),
+        "nested brackets": ("/v1/generate", lambda: b"[" * size),
+        "nested objects": ("/v1/generate", lambda: b'{"a":' * (size // 5)),
+        "numbers": (
+            "/v1/generate",
+            lambda: repeated(b'{"task_id": "t", "inputs": "x", "version": [', b"1", b"]}", size),
+        ),
+        "giant string": ("/v1/generate", lambda: b'{"task_id": "t", "inputs": "' + b"x" * size + b'"}'),
         "training examples": (
             "/v1/training-jobs",
-            repeated(b'{"task_id": "t", "train": [', b'{"input":"a","target":"b"}', b"]}", size),
+            lambda: repeated(b'{"task_id": "t", "train": [', b'{"input":"a","target":"b"}', b"]}", size),
         ),
-        "activate": ("/v1/prompts/t/activate", repeated(b'{"version": [', b"1", b"]}", size)),
+        "activate": ("/v1/prompts/t/activate", lambda: repeated(b'{"version": [', b"1", b"]}", size)),
     }
+    for name, (path, build) in shapes.items():
+        yield name, path, build()
 
 
 def probe_health(url: str, probing: EventType, stop: EventType, durations: Queue) -> None:
@@ -194,7 +208,7 @@ def test_60_mb_bodies_of_every_shape_are_refused_without_stalling_the_server(tmp
         assert engine, "the engine runs in a process of its own"
         shapes = body_shapes(BIG)
         with health_probed(url) as health_p99:
-            for name, (path, body) in shapes.items():
+            for name, path, body in shapes:
                 for chunked in (False, True):  # refused by its Content-Length, or counted as it streams
                     status, answer = post_raw(url, path, body, chunked)
                     assert (status, answer["error"]["code"]) == (413, "body_too_large"), (name, chunked, answer)
@@ -216,7 +230,7 @@ def test_bodies_under_the_byte_limit_with_millions_of_values_are_refused_before_
         upload_prompt(url)
         shapes = body_shapes(json_limit)
         with health_probed(url) as health_p99:
-            for name, (path, body) in shapes.items():
+            for name, path, body in shapes:
                 status, answer = post_raw(url, path, body, chunked=False)
                 code = "body_too_large" if name == "giant string" else "body_too_complex"
                 assert (status, answer["error"]["code"]) in ((413, code), (422, "invalid_request")), (name, answer)

@@ -39,6 +39,7 @@ def generate(client: httpx.Client, task_id: str, inputs: list[str], tenant: str 
 def test_overload_sheds_with_503_and_serves_every_accepted_request_correctly(tmp_path: Path) -> None:
     queue_rows = 16
     flags = ("--max-queue-size", str(queue_rows), "--max-batch-size", "8", "--request-timeout-s", "120")
+    flags += ("--engine", "thread")  # the queue in front of the engine is tested, not the engine process
     with server_process(tmp_path, *flags) as (_, url):
         tasks = [f"task{i}" for i in range(4)]
         for seed, task in enumerate(tasks):

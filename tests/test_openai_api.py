@@ -480,7 +480,7 @@ def test_the_readme_openai_examples_run_as_written(tmp_path: Path) -> None:
     (bash,), (python,) = readme_section_blocks("bash"), readme_section_blocks("python")
     np.save(tmp_path / "prompt.npy", np.random.default_rng(0).normal(size=(20, 64)).astype("float32"))
     data_dir = tmp_path / "data"
-    with server_process(data_dir) as (_, url):
+    with server_process(data_dir, "--engine", "thread") as (_, url):
         port = url.rsplit(":", 1)[1]
         env = {
             **os.environ,

@@ -35,7 +35,7 @@ def test_the_api_tour_runs_as_written(tmp_path: Path) -> None:
     """A new user's path: the README's examples, in order, against a fresh `softserve serve`."""
     blocks = tour_blocks()
     assert len(blocks) == 2
-    with server_process(tmp_path / "data") as (_, url):
+    with server_process(tmp_path / "data", "--engine", "thread") as (_, url):
         port = url.rsplit(":", 1)[1]
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "SOFTSERVE_URL": url}
         for block in blocks:

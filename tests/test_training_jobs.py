@@ -239,7 +239,7 @@ def test_a_crashed_server_resumes_the_job_from_the_last_checkpoint(
 ) -> None:
     settings = training_settings(tmp_path / "data")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    flags = ("--training-checkpoint-every", "10", "--max-wait-ms", "2")
+    flags = ("--training-checkpoint-every", "10", "--max-wait-ms", "2", "--engine", "thread")
     with server_process(settings.data_dir, *flags) as (process, url), httpx.Client(base_url=url, timeout=30) as http:
         job_id = submit(http, "crash", steps=200)
         wait_until_step(http, job_id, 25)
