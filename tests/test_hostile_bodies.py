@@ -413,22 +413,23 @@ def test_a_full_queue_sheds_before_the_body_is_read(tmp_path: Path, path: str) -
     with server_process(tmp_path, *FRONT_DOOR_FLAGS, *queue, *long_rows) as (_, url):
         upload_prompt(url)
         long_row = {"task_id": "t", "inputs": "x", "parameters": {"max_new_tokens": 4096, "ignore_eos": True}}
-        holder = threading.Thread(
-            target=httpx.post, args=(f"{url}/v1/generate",), kwargs={"json": long_row, "timeout": GIVE_UP_S}
-        )
-        holder.start()
-        try:
+        with connect(url) as holder:  # holds the queue's one place until it hangs up, which cancels its row
+            body = json.dumps(long_row).encode()
+            holder.sendall(json_request_head("/v1/generate", len(body)) + body)
             wait_until(lambda: engine_rows(url) >= 1)
             sock = connect(url)
-            head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
-            sock.sendall(head.encode())  # no body at all: only a server that does not read it can answer
+            sock.sendall(
+                json_request_head(path, 1000)
+            )  # no body at all: only a server that does not read it can answer
             status, answer = read_answer(sock)
             assert (status, answer["error"]["code"]) == (503, "overloaded")
-        finally:
-            holder.join(timeout=GIVE_UP_S)
         metrics = httpx.get(f"{url}/metrics", timeout=GIVE_UP_S).text
         assert f'softserve_requests_total{{route="{path}",status="503"}} 1.0' in metrics
         assert 'softserve_rejections_total{reason="overloaded"} 1.0' in metrics
+
+
+def json_request_head(path: str, length: int) -> bytes:
+    return f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n".encode()
 
 
 def engine_rows(url: str) -> float:
