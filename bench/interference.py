@@ -14,6 +14,7 @@ while the attacker, on two connections, sends one kind of attack request after a
 - `flood`: 64 inputs x 256 new tokens with `ignore_eos`.
 Idle and attack samples alternate (ABBA); each ratio is the attack's median (or p90) over the idle one's.
 Targets: inter-token gap p90 <= 3x idle, 4-token median <= 5x idle, for every kind of attack.
+`--threads N` runs the server with `--cpu-threads N` and writes `interference-threadsN.json`.
 
 A `--quick` run sends the same attacks with fewer new tokens (`QUICK`: 32 for beam and flood, 8 for ensemble)
 and gives each a shorter lead, so that it does not wait seconds for the attacks in flight at each sample's end.
@@ -213,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         if options.pass_budget_tokens is not None:
             flags += ("--pass-budget-tokens", str(options.pass_budget_tokens))
+        if options.threads is not None:  # the server's torch threads (`--cpu-threads`)
+            flags += ("--cpu-threads", str(options.threads))
         with server_process(data, *flags, timeout_s=300) as (_, url):
             set_up(url, victim_key, attacker_key)
             result = asyncio.run(measure(url, victim_key, attacker_key, rounds, QUICK if options.quick else FULL))
@@ -229,8 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     print("attacker's answers:", json.dumps(result["attacker_statuses"]))
     worst = max(k["gap_p90_ratio"] for k in result["attacks"].values())  # type: ignore[union-attr]
     head = {"bench": "interference", "ratio": worst, "target": GAP_TARGET, "short_median_target": SHORT_TARGET}
-    settings = {"model": "tiny", "rounds": rounds, "pass_budget_tokens": options.pass_budget_tokens or "default"}
-    publish(head | settings | result | {"quick": options.quick}, results_file(options, "interference"))
+    settings = {
+        "model": "tiny",
+        "rounds": rounds,
+        "pass_budget_tokens": options.pass_budget_tokens or "default",
+        "server_torch_threads": options.threads or "default",
+    }
+    variant = [f"threads{options.threads}"] if options.threads is not None else []
+    publish(head | settings | result | {"quick": options.quick}, results_file(options, "interference", *variant))
     return 0
 
 
