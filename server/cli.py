@@ -471,25 +471,45 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 # to stop with SIGTERM: the script turns it into KeyboardInterrupt and stops its servers. A SIGTERM that comes before
 # the handler is set (the interpreter still starting, nothing started yet) ends it at once, with no traceback.
 # An interrupt raised while a finalizer (`__del__`) runs is dropped by Python with an "Exception ignored" traceback:
-# the unraisable hook raises it again 10 ms later (an alarm), outside the finalizer.
+# the unraisable hook raises it again 10 ms later (an alarm), outside the finalizer. One raised while a module is
+# being imported can leave a C extension half initialised (numpy's next import fails with "cannot load module more
+# than once per process", torch's can abort the process): it waits, 10 ms at a time, until no import is under way.
 RUN_QUIETLY_ON_CTRL_C = """
 import os, runpy, signal, sys
 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by `softserve bench` while it started this
-def interrupted(*_):
+def importing(frame):
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+stopping = []
+def interrupted(signum, frame):
+    stopping.append(signum)
+    if importing(frame):
+        signal.setitimer(signal.ITIMER_REAL, 0.01)
+        return
     raise KeyboardInterrupt
 def dropped(unraisable):
     if isinstance(unraisable.exc_value, KeyboardInterrupt):  # again in 10 ms, by an alarm: after this hook
         signal.setitimer(signal.ITIMER_REAL, 0.01)
     else:
         sys.__unraisablehook__(unraisable)
-signal.signal(signal.SIGTERM, interrupted)
 signal.signal(signal.SIGALRM, interrupted)
+signal.signal(signal.SIGTERM, interrupted)
 sys.unraisablehook = dropped
 sys.argv = sys.argv[1:]
 sys.path[0] = os.path.dirname(sys.argv[0])
 try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    finally:  # the script is over: nothing is interrupted from here on
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.setitimer(signal.ITIMER_REAL, 0)
 except KeyboardInterrupt:
+    sys.exit(130)
+if stopping:  # asked to stop as its last import ran: it ended on its own, but not as asked
     sys.exit(130)
 """
 

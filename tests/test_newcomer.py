@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -374,6 +375,15 @@ def child_pids(pid: int) -> list[int]:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+def take_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+# A group of its own, as a terminal's foreground job, which takes Ctrl-C even when this run inherited SIGINT ignored
+# (a suite started as a script's background job does: a shell without job control ignores it for `cmd &`).
+AS_A_TERMINAL_JOB: dict[str, Any] = {"start_new_session": True, "preexec_fn": take_ctrl_c}
+
+
 @pytest.mark.parametrize("moment", ["as_it_is_forked", "as_the_script_starts", "once_it_runs_its_servers"])
 def test_ctrl_c_in_bench_ends_it_with_one_line_and_leaves_no_process(tmp_path: Path, moment: str) -> None:
     """Ctrl-C reaches the terminal's whole process group: the CLI, which stops the bench script it runs (in a group
@@ -385,7 +395,7 @@ def test_ctrl_c_in_bench_ends_it_with_one_line_and_leaves_no_process(tmp_path: P
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,  # a group of its own, as a terminal's foreground job
+        **AS_A_TERMINAL_JOB,
     )
     deadline = time.monotonic() + 120
     while not (scripts := child_pids(cli.pid)) and time.monotonic() < deadline:
@@ -422,7 +432,7 @@ def test_ctrl_c_in_serve_ends_it_quietly_and_leaves_no_engine(tmp_path: Path, mo
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,  # a group of its own, as a terminal's foreground job
+        **AS_A_TERMINAL_JOB,
     )
     assert server.stderr is not None
     deadline = time.monotonic() + 120
@@ -470,6 +480,43 @@ def test_an_interrupt_that_lands_in_a_finalizer_still_stops_a_bench_script(tmp_p
     )
     assert ran.returncode == 130, ran.stderr
     assert ran.stdout.split() == ["cleaned", "up"] and ran.stderr == ""
+
+
+SIGTERM_INSIDE_AN_IMPORT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+try:
+    import slow_module
+    print("imported", slow_module.done)
+    import time
+    time.sleep(5)
+    print("not interrupted")
+finally:
+    print("cleaned up")
+"""
+SLOW_MODULE = """
+import os, signal, time
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.2)  # the interrupt would be raised here, half-way through the module (a C extension's init, in real runs)
+done = True
+"""
+
+
+def test_an_interrupt_that_lands_in_an_import_waits_until_the_module_is_imported(tmp_path: Path) -> None:
+    """A SIGTERM raised as KeyboardInterrupt inside an import left numpy half initialised ("cannot load module more
+    than once per process", a traceback) or aborted the process in torch's: the wrapper raises it once the import
+    is done."""
+    script = tmp_path / "importer.py"
+    script.write_text(SIGTERM_INSIDE_AN_IMPORT)
+    (tmp_path / "slow_module.py").write_text(SLOW_MODULE)
+    ran = subprocess.run(
+        [sys.executable, "-c", RUN_QUIETLY_ON_CTRL_C, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 130, ran.stderr
+    assert ran.stdout.splitlines() == ["imported True", "cleaned up"] and ran.stderr == ""
 
 
 def test_serve_says_which_engine_it_waits_for(tmp_path: Path) -> None:
