@@ -204,7 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser(__doc__.splitlines()[0], repeats=4)
     args.add_argument("--warm", type=int, default=ROWS, help="completions before the window opens")
     args.add_argument("--measured", type=int, default=3 * ROWS, help="completions in the window")
-    args.add_argument("--cpu-threads", type=int, default=0, help="each server's torch threads (0: one per core)")
+    args.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=0,
+        help="each server's torch threads (0: the default, one per usable core less one)",
+    )
     opts = args.parse_args(argv)
     quick = opts.quick
     repeats, warm, measured = (1, ROWS // 2, ROWS) if quick else (opts.repeats, opts.warm, opts.measured)

@@ -5,7 +5,7 @@ Server: a real `softserve serve` process with its defaults (`store: disk`, so tr
 `tiny` preset's shapes). Two processes of it then compete for the cores: the engine process runs the decoder steps of
 the requests, and the API process runs HTTP, tokenizing and the embedded training worker, which trains on
 the API process's own copy of the weights. Each sets its torch threads from `--cpu-threads` (default: one
-per core), so while a job trains both ask for every core.
+per usable core less one), so while a job trains both ask for that many.
 
 Load: `CLIENTS` clients (this process, one asyncio loop, a minimal keep-alive HTTP client each) over `TASKS`
 tasks with prompts of 20 tokens, each request one 32-token input and `max_new_tokens` 8 with `ignore_eos`,
@@ -258,7 +258,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser(__doc__.splitlines()[0], repeats=4)
     args.add_argument("--warm", type=int, default=2 * CLIENTS, help="completions before the window opens")
     args.add_argument("--measured", type=int, default=24 * CLIENTS, help="completions in the window")
-    args.add_argument("--cpu-threads", type=int, default=0, help="the server's torch threads (0: one per core)")
+    args.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=0,
+        help="the server's torch threads (0: the default, one per usable core less one)",
+    )
     opts = args.parse_args(argv)
     quick = opts.quick
     repeats, warm, measured = (1, CLIENTS, 4 * CLIENTS) if quick else (opts.repeats, opts.warm, opts.measured)

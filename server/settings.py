@@ -233,7 +233,10 @@ class Settings(BaseSettings):
     drain_delay_s: float = Field(1.0, ge=0, description="after SIGTERM, /ready answers 503 this long before closing")
     drain_timeout_s: float = Field(60.0, ge=0, description="after that, how long in-flight requests may take")
     cpu_threads: int = Field(
-        0, ge=0, description="torch threads on CPU (0: one per core; fewer leaves room for the event loop)"
+        0,
+        ge=0,
+        description="torch threads on CPU (0: one per usable core, less one left to the HTTP side; at least 1). "
+        "Usable cores honour the process's CPU affinity and its cgroup CPU quota",
     )
     warmup: bool = Field(True, description="run a warm-up batch before `/ready` turns 200")
     training_max_active_jobs: int = Field(

@@ -10,7 +10,6 @@ transient ones (503, 429), and cheap checks before expensive work.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, replace
@@ -19,6 +18,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 from pydantic import ValidationError
 
 from prompt_store.records import INPUT_PLACEHOLDER
+from server.cpus import usable_cores
 from server.engine.protocol import TokenLogprobs
 from server.errors import ClientDisconnected, DeadlineExceeded, InvalidInput
 from server.registry.registry import PromptRegistry, ResolvedPrompt
@@ -127,7 +127,7 @@ class InferenceService:
         self.rate_limits = rate_limits
         self.max_chars = limits.max_chars
         # Tokenizing long texts is CPU work: off the event loop, and no more at once than there are cores.
-        self._tokenizing = asyncio.Semaphore(os.cpu_count() or 1)
+        self._tokenizing = asyncio.Semaphore(usable_cores())
         self.ensembles = EnsembleInference(self)
 
     async def generate(
