@@ -126,6 +126,8 @@ def health_probed(url: str) -> Iterator[Callable[[], float]]:
         prober.join(timeout=GIVE_UP_S)
     assert isinstance(outcome, list) and len(outcome) >= 10, outcome
     result.extend(outcome)
+    cuts = statistics.quantiles(result, n=100)
+    print(f"/health: {len(result)} probes, p50 {cuts[49] * 1000:.1f} ms, p99 {cuts[98] * 1000:.1f} ms")  # `-s` shows it
 
 
 def post_raw(
