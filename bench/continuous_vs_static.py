@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         "--cpu-threads",
         type=int,
         default=0,
-        help="each server's torch threads (0: the default, one per usable core less one)",
+        help="each server's torch threads (0: one per usable core)",
     )
     opts = args.parse_args(argv)
     quick = opts.quick

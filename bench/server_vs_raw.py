@@ -3,7 +3,7 @@
 Each side runs as it really would. The server side is a real `softserve serve` process serving a random
 model with t5-small's shapes, saved as a checkpoint: like every `softserve serve` it sets
 `OMP_WAIT_POLICY=PASSIVE` before torch loads and sets its torch threads from `--cpu-threads` (default:
-one per usable core, less one left to its API process). The raw side is this process, a plain script: it loads torch before anything imports
+one per usable core). The raw side is this process, a plain script: it loads torch before anything imports
 `server` (the first import below), so its OpenMP threads keep the policy of the environment the bench was
 started in (usually unset), and torch's default threads (one per core); it loads the same checkpoint
 with `FrozenT5.load` and calls `FrozenT5.generate` directly. Both policies are in the JSON result.
@@ -71,7 +71,7 @@ from common import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.cpus import default_torch_threads
+from server.cpus import usable_cores
 from server.serving.model import FrozenT5, Row
 from server.settings import Settings
 
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         "--cpu-threads",
         type=int,
         default=Settings().cpu_threads,
-        help="the server's (0: the default, one per usable core less one)",
+        help="the server's (0: one per usable core)",
     )
     opts = args.parse_args(argv)
     quick = (1, 1, 1, max(RAW_BATCHES))
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         for batch in RAW_BATCHES:
             samplers[RAW[batch]] = partial(raw_sample, meters[RAW[batch]], model, rows[:batch], raw_rows // batch)
         samples = interleaved(samplers, repeats)
-    server_threads = opts.cpu_threads or default_torch_threads()  # what `FrozenT5.use_cpu_threads` sets
+    server_threads = opts.cpu_threads or usable_cores()  # what `FrozenT5.use_cpu_threads` sets
 
     best = max(RAW.values(), key=lambda side: statistics.median(samples[side]))
     comparison = Comparison(SERVER, best, {SERVER: samples[SERVER], best: samples[best]})

@@ -5,7 +5,7 @@ Server: a real `softserve serve` process with its defaults (`store: disk`, so tr
 `tiny` preset's shapes). Two processes of it then compete for the cores: the engine process runs the decoder steps of
 the requests, and the API process runs HTTP, tokenizing and the embedded training worker, which trains on
 the API process's own copy of the weights. Each sets its torch threads from `--cpu-threads` (default: one
-per usable core less one), so while a job trains both ask for that many.
+per usable core), so while a job trains both ask for every core.
 
 Load: `CLIENTS` clients (this process, one asyncio loop, a minimal keep-alive HTTP client each) over `TASKS`
 tasks with prompts of 20 tokens, each request one 32-token input and `max_new_tokens` 8 with `ignore_eos`,
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         "--cpu-threads",
         type=int,
         default=0,
-        help="the server's torch threads (0: the default, one per usable core less one)",
+        help="the server's torch threads (0: one per usable core)",
     )
     opts = args.parse_args(argv)
     quick = opts.quick

@@ -1,8 +1,13 @@
-"""How many cores this process may really use, and how many torch threads a server takes by default.
+"""How many cores this process may really use: a server's default torch threads, one per usable core.
 
 `os.cpu_count()` is the machine's count. A process pinned to some cores (`taskset`, a cpuset) or limited by a
 cgroup CPU quota (a container's `--cpus`, a Kubernetes pod's `limits.cpu`) can use fewer, and torch threads
 beyond that only wait for each other.
+
+One thread per usable core is the default because it is the most throughput: on two cores, a server whose engine
+took one thread (leaving the other core to the API process) answered 0.602 of the raw model's rows/s in
+`bench/server_vs_raw`, against 0.893 with two. A small CPU that must keep one tenant's latency steady under
+another's load does better with fewer (`--cpu-threads`; the README's `interference` note).
 """
 
 from __future__ import annotations
@@ -24,10 +29,3 @@ def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
     except (OSError, ValueError):
         pass  # no cgroup v2 quota to read: the affinity stands
     return max(1, cores)
-
-
-def default_torch_threads(cores: int | None = None) -> int:
-    """One torch thread per usable core, less one: the process that serves HTTP (the API process beside an
-    engine process, or the event loop beside an engine thread) needs a core of its own, and on a small CPU a
-    second intra-op thread buys the model little (see the README's `interference` note). At least 1."""
-    return max(1, (cores or usable_cores()) - 1)

@@ -235,8 +235,8 @@ class Settings(BaseSettings):
     cpu_threads: int = Field(
         0,
         ge=0,
-        description="torch threads on CPU (0: one per usable core, less one left to the HTTP side; at least 1). "
-        "Usable cores honour the process's CPU affinity and its cgroup CPU quota",
+        description="torch threads on CPU (0: one per usable core, honouring the process's CPU affinity and its "
+        "cgroup CPU quota; fewer leaves room for the event loop)",
     )
     warmup: bool = Field(True, description="run a warm-up batch before `/ready` turns 200")
     training_max_active_jobs: int = Field(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.cpus import default_torch_threads, usable_cores
+from server.cpus import usable_cores
 
 AFFINITY = len(os.sched_getaffinity(0))
 
@@ -30,8 +30,3 @@ def test_a_cgroup_quota_caps_the_usable_cores(tmp_path: Path, cpu_max: str, expe
 
 def test_without_a_cgroup_quota_the_affinity_decides(tmp_path: Path) -> None:
     assert usable_cores(tmp_path / "absent") == AFFINITY
-
-
-@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 1), (4, 3), (16, 15)])
-def test_the_default_leaves_a_core_to_the_http_side(cores: int, threads: int) -> None:
-    assert default_torch_threads(cores) == threads

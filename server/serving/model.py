@@ -31,7 +31,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutput
 
-from server.cpus import default_torch_threads
+from server.cpus import usable_cores
 from server.engine.protocol import TokenLogprobs
 from server.serving.decoder import LeanDecoder
 from server.serving.encoder import LeanEncoder
@@ -200,11 +200,11 @@ class FrozenT5:
         return Grammars(grammar_tokenizer(self.tokenizer, self.model.config.vocab_size, self.eos_token_id))
 
     def use_cpu_threads(self, threads: int) -> None:
-        """On CPU, sets torch's threads; 0 takes `default_torch_threads()`: one per usable core, less the one
-        that the HTTP side needs. Intra-op threads competing with the event loop and other processes make calls
-        slower and their latency erratic. Nothing to do on CUDA."""
+        """On CPU, sets torch's threads; 0 keeps one per usable core (the most throughput). On a small shared
+        machine, intra-op threads competing with the event loop and other processes make calls slower and their
+        latency erratic; fewer threads trade throughput for steadier latency. Nothing to do on CUDA."""
         if self.device.type == "cpu":
-            torch.set_num_threads(threads or default_torch_threads())
+            torch.set_num_threads(threads or usable_cores())
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, `</s>` included, not truncated (the caller enforces limits)."""
