@@ -8,7 +8,8 @@ that rate, open-loop (Poisson arrivals, each request one row of ~32 tokens, 4 ne
 loop again), "offered 2x" and "offered 4x". The ratio of an overload phase is the median over rounds of
 its accepted throughput (200s per second) ÷ the same round's max; the reported ratio is the lower of the
 two (target >= 0.9: overload must not collapse throughput). Per phase, medians over rounds of: the p99
-latency of accepted requests, the share of 503 and 429 answers, and the load generator's CPU time per
+latency of accepted requests, the share of 503 and 429 answers and of requests whose new connection the server
+closed unanswered, and the load generator's CPU time per
 request (it is this process, on the same cores as the server: a lean keep-alive client over pooled connections,
 a new connection whenever none is idle, as a proxy pools them). The queue is bounded at
 2 batches (`--max-queue-size`), so overload is shed at once with 503 + Retry-After instead of growing
@@ -51,7 +52,8 @@ TARGET = 0.9
 TASKS = 32
 MAX = "max (closed loop)"
 FACTORS = (2, 4)
-FIELDS = ["accepted_per_s", "p99_s", "share_503", "share_429", "client_cpu_ms_per_request"]
+FIELDS = ["accepted_per_s", "p99_s", "share_503", "share_429", "share_dropped", "client_cpu_ms_per_request"]
+DROPPED = 0  # the status of a request whose new connection was closed before any answer
 
 Outcome = tuple[int, float]  # HTTP status, latency in seconds
 
@@ -66,12 +68,25 @@ class ConnectionPool:
         self.idle: list[KeepAliveConnection] = []
 
     async def send(self, i: int, texts: list[str]) -> Outcome:
-        body = {"task_id": f"task{i % TASKS}", "inputs": texts[i % len(texts)], "parameters": {"max_new_tokens": 4}}
-        connection = self.idle.pop() if self.idle else KeepAliveConnection(self.url)
+        """One request. A pooled connection the server has closed meanwhile (its keep-alive timeout, or its
+        connection cap closing idle ones) is dropped and the request sent again on a new one, as a proxy does;
+        a new connection closed before any answer is a `DROPPED` outcome."""
+        body = json.dumps(
+            {"task_id": f"task{i % TASKS}", "inputs": texts[i % len(texts)], "parameters": {"max_new_tokens": 4}}
+        ).encode()
         started = time.perf_counter()
-        status = await connection.post("/v1/generate", json.dumps(body).encode())
-        self.idle.append(connection)
-        return status, time.perf_counter() - started
+        while True:
+            reused = bool(self.idle)
+            connection = self.idle.pop() if reused else KeepAliveConnection(self.url)
+            try:
+                status = await connection.post("/v1/generate", body)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                await connection.close()
+                if reused:
+                    continue
+                return DROPPED, time.perf_counter() - started
+            self.idle.append(connection)
+            return status, time.perf_counter() - started
 
     async def close(self) -> None:
         await asyncio.gather(*(connection.close() for connection in self.idle))
@@ -123,7 +138,7 @@ async def open_loop(url: str, texts: list[str], rate: float, seconds: float, see
 
 def summarize(outcomes: list[Outcome], seconds: float, client_cpu_s: float) -> dict[str, float]:
     accepted = [latency for status, latency in outcomes if status == 200]
-    unexpected = {status for status, _ in outcomes} - {200, 503, 429}
+    unexpected = {status for status, _ in outcomes} - {200, 503, 429, DROPPED}
     if unexpected:
         raise RuntimeError(f"answers other than 200, 503 and 429: {sorted(unexpected)}")
     return {
@@ -131,6 +146,7 @@ def summarize(outcomes: list[Outcome], seconds: float, client_cpu_s: float) -> d
         "p99_s": percentile(accepted, 99) if len(accepted) >= 2 else float("nan"),
         "share_503": sum(s == 503 for s, _ in outcomes) / max(1, len(outcomes)),
         "share_429": sum(s == 429 for s, _ in outcomes) / max(1, len(outcomes)),
+        "share_dropped": sum(s == DROPPED for s, _ in outcomes) / max(1, len(outcomes)),
         "client_cpu_ms_per_request": 1000 * client_cpu_s / max(1, len(outcomes)),
     }
 
@@ -186,7 +202,11 @@ def main() -> None:
         for name in phases.runs
     ]
     headers = ["phase (medians over rounds)", "offered req/s", "accepted req/s", "÷ max (median of rounds)"]
-    print(markdown_table([*headers, "p99 accepted s", "503 share", "429 share", "client CPU ms/request"], rows))
+    print(
+        markdown_table(
+            [*headers, "p99 accepted s", "503 share", "429 share", "dropped share", "client CPU ms/request"], rows
+        )
+    )
     print()
     ratio = min(ratios.values())
     result = {
