@@ -12,7 +12,7 @@ from pydantic import Field, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from server.engine.limits import PASS_BUDGET_TOKENS
+from server.engine.limits import PASS_BUDGET_TOKENS, STREAM_PASS_BUDGET_TOKENS
 from server.serving.schemas import MAX_INPUTS
 
 
@@ -82,6 +82,13 @@ class Settings(BaseSettings):
         "joining rows, classify label scoring and beam search steps are cut into pieces of at most this and run "
         "between decoder steps, so no request stalls other rows' tokens for longer (larger: more throughput for "
         "joining and classify work; smaller: steadier token gaps for the rows decoding)",
+    )
+    stream_pass_budget_tokens: int = Field(
+        STREAM_PASS_BUDGET_TOKENS,
+        ge=1,
+        description="`pass_budget_tokens` while a row in the decoder step streams its tokens (each pass's other "
+        "work is a gap between them); without one, a stall only adds to the rows' total latency, which the larger "
+        "budget shortens under load (fuller decoder steps)",
     )
     max_queue_size: int = Field(
         1024,

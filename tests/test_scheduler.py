@@ -31,10 +31,10 @@ TOKEN = 7  # what every row generates here: never end-of-sequence
 D_MODEL = 4
 
 
-def limits(rows: int = 4, budget: int = 100, cached: int = 1 << 20) -> EngineLimits:
+def limits(rows: int = 4, budget: int = 100, cached: int = 1 << 20, stream_budget: int | None = None) -> EngineLimits:
     return EngineLimits(
         max_active_rows=rows, max_cached_tokens=cached, max_batch_size=32, max_batch_tokens=16384,
-        pass_budget_tokens=budget,
+        pass_budget_tokens=budget, stream_pass_budget_tokens=budget if stream_budget is None else stream_budget,
     )  # fmt: skip
 
 
@@ -42,8 +42,12 @@ def row_input(tokens: int, prompt: int = 2) -> RowInput:
     return RowInput(torch.zeros(prompt, D_MODEL), list(range(10, 10 + tokens - prompt)))
 
 
-def generate(request_id: int, tenant: str, new_tokens: int = 1000, tokens: int = 10) -> GenerateRow:
-    return GenerateRow(request_id, tenant, row_input(tokens), Sampling(), new_tokens, ignore_eos=True)
+def generate(
+    request_id: int, tenant: str, new_tokens: int = 1000, tokens: int = 10, streamed: bool = False
+) -> GenerateRow:
+    return GenerateRow(
+        request_id, tenant, row_input(tokens), Sampling(), new_tokens, ignore_eos=True, streamed=streamed
+    )
 
 
 class Driven:
@@ -152,6 +156,23 @@ def test_a_classify_row_takes_ceil_of_its_tokens_over_the_budget_passes_with_ste
     assert passes == math.ceil(tokens / budget)
     (scores,) = [e for e in driven.events if isinstance(e, Scores)]
     assert scores.scores == [-float(i) for i in range(40)]
+
+
+def test_while_a_row_in_the_step_streams_each_pass_keeps_to_the_stream_budget() -> None:
+    """Each pass's work is a gap between a streamed row's tokens; rows answered whole get the larger budget."""
+    budget, stream_budget = 400, 100
+    driven = Driven(limits(budget=budget, stream_budget=stream_budget))
+    driven.submit(generate(0, "victim", new_tokens=3, streamed=True))
+    driven.run_pass()
+    labels = [[5] * 9 for _ in range(80)]  # 80 candidates of 9 tokens, plus the row's 10 encoder tokens: 730
+    driven.submit(ClassifyRow(1, "attacker", row_input(10), labels))
+    spent: list[tuple[bool, int]] = []
+    while not any(isinstance(e, Scores) for e in driven.events):
+        streaming = bool(driven.scheduler.placed)  # the victim's row, until its 3 tokens are out
+        spent.append((streaming, driven.run_pass().budget_spent))
+    assert [s for streaming, s in spent if streaming] == [10 + 9 * 10, 9 * 11]  # within 100 each
+    assert [s for streaming, s in spent if not streaming] == [9 * 44, 9 * 15]  # the larger budget, once it left
+    assert sum(s for _, s in spent) == 10 + 80 * 9
 
 
 def _cost(piece: ScorePiece | BeamPiece) -> int:

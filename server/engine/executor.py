@@ -94,11 +94,11 @@ class EngineExecutor:
         await self.client.stop()
 
     def open_stream(self, work: GenerateWork, tenant: str, deadline: float) -> TokenStream:
-        request = self._request(work, tenant, deadline)
+        request = self._request(work, tenant, deadline, streamed=True)
         (events,) = self.client.submit([request], [work.task[1]])
         return TokenStream(self, request.request_id, events)
 
-    def _request(self, work: AnyWork, tenant: str, deadline: float) -> EngineRequest:
+    def _request(self, work: AnyWork, tenant: str, deadline: float, streamed: bool = False) -> EngineRequest:
         request_id = self.client.new_id()
         row = RowInput(work.row.prompt, work.row.input_ids)
         if isinstance(work, ClassifyWork):
@@ -125,6 +125,7 @@ class EngineExecutor:
             work.task[1],
             logprobs,
             d.grammar,
+            streamed,
         )
 
     async def _result(self, request: EngineRequest, events: RowEvents) -> Generation | list[float]:

@@ -63,6 +63,7 @@ class GenerateRow:
     task: str = ""  # the task's id (metrics count the tasks sharing a step)
     logprobs: int = -1  # -1: none; k >= 0: each token's log-probability and the k most likely alternatives
     grammar: str | None = None  # llguidance's grammar text: only tokens that keep the text in it are chosen
+    streamed: bool = False  # its tokens go out as they come, so a stall shows as a gap (`stream_pass_budget_tokens`)
 
 
 @dataclass(frozen=True)

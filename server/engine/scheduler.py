@@ -19,6 +19,11 @@ count shows; beam rows take turns, tenants round-robin, a tenant's own in order.
 pass always runs, so a row larger than the budget still runs, alone in its pass. Joins and pieces take turns
 at going first, so neither kind starves the other.
 
+While a row in the step streams, the budget is `stream_pass_budget_tokens` (smaller): every pass's work is a
+gap between that row's tokens. Otherwise the rows in the step are answered whole, and a stall only adds to their
+total latency, which a larger budget makes shorter under load: more rows join each pass, so each decoder step
+is fuller and a row's share of it cheaper.
+
 Places: the tenants with rows in place or waiting share `max_active_rows`. When no place is free, a waiting
 tenant takes the place of the newest row of the tenant holding the most, if that tenant holds at least two
 more than the waiting one; the parked row goes back to the head of its tenant's queue and resumes exactly where
@@ -311,7 +316,7 @@ class Scheduler:
         self.ended = []
         self._leave_ended(plan, now)
         self._drop_ended_waiting(plan, now)
-        budget = Budget(self.limits.pass_budget_tokens)
+        budget = Budget(self._pass_budget())
         self._passes += 1
         if self._passes % 2:
             self._admit(plan, budget)
@@ -324,6 +329,13 @@ class Scheduler:
         plan.step = list(self.placed)
         plan.budget_spent = budget.spent
         return plan
+
+    def _pass_budget(self) -> int:
+        """The stream budget while a row in the step streams (a stall is a gap in its tokens), else the larger
+        one: a row answered whole sees only its total latency, which fuller steps make shorter under load."""
+        if any(placed.request.streamed for placed in self.placed.values()):
+            return self.limits.stream_pass_budget_tokens
+        return self.limits.pass_budget_tokens
 
     def _leave_ended(self, plan: Plan, now: float) -> None:
         for request_id, placed in list(self.placed.items()):
