@@ -21,7 +21,8 @@ Raw side: `FrozenT5.generate` on the same 64 rows, at batch 32 (the first 32: 32
 common.py). The server is measured against the better of the two: the one with the higher median.
 
 Rounds alternate (server, raw 32, raw 64, then back); the ratio is the median over rounds of server ÷ the
-better raw side. Target: >= 0.85. Where the difference goes is reported too: the server's passes from its
+better raw side. Target: >= 0.85. A run with a server setting other than the default (`--cpu-threads`,
+`--pass-budget-tokens`) writes `server_vs_raw-threadsN.json` / `server_vs_raw-budgetN.json`. Where the difference goes is reported too: the server's passes from its
 metrics over the measured runs (decoder steps, rows per step, the tokens of each pass's work budget spent),
 and CPU time per row of each process (Linux /proc): the API process, the engine process, wrk, and this
 process (the raw side's model).
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         default=Settings().cpu_threads,
         help="the server's (0: one per usable core)",
     )
+    args.add_argument("--pass-budget-tokens", type=int, default=None, help="the server's (default: its default)")
     opts = args.parse_args(argv)
     quick = (1, 1, 1, max(RAW_BATCHES))
     repeats, warm_s, seconds, raw_rows = (
@@ -220,6 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     flags = ("--max-wait-ms", str(opts.max_wait_ms), "--cpu-threads", str(opts.cpu_threads))
+    variant = [f"threads{opts.cpu_threads}"] if opts.cpu_threads != Settings().cpu_threads else []
+    if opts.pass_budget_tokens is not None:
+        flags += ("--pass-budget-tokens", str(opts.pass_budget_tokens))
+        variant.append(f"budget{opts.pass_budget_tokens}")
 
     with tempfile.TemporaryDirectory() as tmp, checkpoint_server(Path(tmp), opts, *flags) as (checkpoint, pid, url):
         model = FrozenT5.load(str(checkpoint), opts.device, opts.dtype)
@@ -275,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         [setup, raw_table, pass_table, cpu, comparison.table("rows/s")],
         comparison,
         TARGET,
-        results_file(opts, "server_vs_raw"),
+        results_file(opts, "server_vs_raw", *variant),
         ratios={str(batch): round(ratio, 4) for batch, ratio in against.items()},
         raw_rows_per_s={str(batch): round(statistics.median(samples[RAW[batch]]), 2) for batch in RAW_BATCHES},
         best_raw_batch=next(batch for batch, side in RAW.items() if side == best),
@@ -288,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds_per_window=seconds,
         raw_torch_threads=raw_threads,
         server_torch_threads=server_threads,
+        pass_budget_tokens=opts.pass_budget_tokens or Settings().pass_budget_tokens,
         median_latency_s=round(latency, 3),
         server_passes={name: round(value, 4) for name, value in passes.items()},
         cpu_ms_per_row={side: meter.per_row_ms() for side, meter in meters.items()},

@@ -146,3 +146,28 @@ def test_classify_does_not_wait_behind_long_generations(tmp_path: Path, tiny: Fr
             assert metric(client.get("/metrics").text, "softserve_engine_active_rows") == 8  # still generating
             assert generation.result().status_code == 200
         assert busy <= 2 * idle, f"idle median {idle * 1000:.1f} ms, busy {busy * 1000:.1f} ms"
+
+
+def test_while_a_row_streams_every_pass_keeps_to_the_stream_budget(tmp_path: Path, tiny: FrozenT5) -> None:
+    """A classify of about 1,100 tokens runs in passes of up to `pass_budget_tokens` when no row in the step
+    streams, and of at most `stream_pass_budget_tokens` while one does (each pass is a gap in its tokens)."""
+    stream_budget = 128
+    settings = {"pass_budget_tokens": 1024, "stream_pass_budget_tokens": stream_budget, **UNENDING_LIMITS}
+    with serving(tmp_path, tiny, **settings) as client:
+        upload(client, "t", random_prompt(5, tiny.d_model, seed=1))
+        classify = {"task_id": "t", "inputs": "a fine film", "labels": [f"label number {i:02d}" for i in range(64)]}
+
+        def passes_over_stream_budget() -> float:
+            text = client.get("/metrics").text
+            name = "softserve_engine_pass_budget_spent_tokens"
+            return metric(text, f"{name}_count") - metric(text, f"{name}_bucket", le=f"{stream_budget}.0")
+
+        assert client.post("/v1/classify", json=classify).status_code == 200
+        alone = passes_over_stream_budget()
+        assert alone >= 1  # its first pass: the row's encoder tokens and about 60 labels of 17 tokens
+        streamed = json.dumps({"task_id": "t", "inputs": "x", "stream": True, "parameters": UNENDING}).encode()
+        with pending_request(client, "/v1/generate", streamed):
+            wait_for_metric(client, "softserve_engine_active_rows", 1)
+            assert client.post("/v1/classify", json=classify).status_code == 200
+            assert metric(client.get("/metrics").text, "softserve_engine_active_rows") == 1  # still streaming
+        assert passes_over_stream_budget() == alone
