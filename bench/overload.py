@@ -4,9 +4,13 @@ A real `softserve serve` process (a random model with t5-small shapes, saved and
 serves 32 tasks. A calibration run (a closed loop of 2 x max-batch clients, not counted) estimates the
 maximum sustained throughput, and the offered rates of the overload phases are fixed from it: 2x and 4x
 that rate, open-loop (Poisson arrivals, each request one row of ~32 tokens, 4 new tokens). Then
-`--repeats` rounds each run three phases of `--seconds`, in alternating order (ABBA): "max" (the closed
-loop again), "offered 2x" and "offered 4x". The ratio of an overload phase is the median over rounds of
-its accepted throughput (200s per second) ÷ the same round's max; the reported ratio is the lower of the
+`--repeats` rounds each run three phases in alternating order (ABBA): "max" (the closed loop again),
+"offered 2x" and "offered 4x". Each phase counts the answers given in a window of `--seconds` that opens
+`--warm-s` into its load and closes while the load still runs, as `server_vs_raw` does: neither the first
+seconds (the queue filling) nor the drain after the last arrival (the rows left in flight, with nothing behind
+them) count as the server's time. Counting from the first arrival to the last answer charged a phase for its
+drain, and the open-loop phases, whose queue holds twice the closed loop's rows, drain for longer. The ratio of an overload phase is the median over rounds of its accepted throughput (200s per
+second) ÷ the same round's max; the reported ratio is the lower of the
 two (target >= 0.9: overload must not collapse throughput). Per phase, medians over rounds of: the p99
 latency of accepted requests, the share of 503 and 429 answers and of requests whose new connection the server
 closed unanswered, and the load generator's CPU time per
@@ -28,6 +32,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import common  # noqa: F401  (before torch: see common.py)
@@ -59,7 +64,7 @@ FACTORS = (2, 4)
 FIELDS = ["accepted_per_s", "p99_s", "share_503", "share_429", "share_dropped", "client_cpu_ms_per_request"]
 DROPPED = 0  # the status of a request whose new connection was closed before any answer
 
-Outcome = tuple[int, float]  # HTTP status, latency in seconds
+Outcome = tuple[int, float, float]  # HTTP status, latency in seconds, when it was answered (`time.perf_counter()`)
 
 
 class ConnectionPool:
@@ -88,17 +93,29 @@ class ConnectionPool:
                 await connection.close()
                 if reused:
                     continue
-                return DROPPED, time.perf_counter() - started
+                return DROPPED, time.perf_counter() - started, time.perf_counter()
             self.idle.append(connection)
-            return status, time.perf_counter() - started
+            return status, time.perf_counter() - started, time.perf_counter()
 
     async def close(self) -> None:
         await asyncio.gather(*(connection.close() for connection in self.idle))
 
 
-async def closed_loop(url: str, texts: list[str], clients: int, seconds: float) -> dict[str, float]:
+@dataclass(frozen=True)
+class Window:
+    """A phase's measured span: `seconds` of answers, opening `warm_s` after its load starts."""
+
+    warm_s: float
+    seconds: float
+
+    def bounds(self, started: float) -> tuple[float, float]:
+        return started + self.warm_s, started + self.warm_s + self.seconds
+
+
+async def closed_loop(url: str, texts: list[str], clients: int, window: Window) -> dict[str, float]:
     """`clients` clients sending back to back; the rate they get is the maximum sustained throughput."""
-    stop = time.perf_counter() + seconds
+    started = time.perf_counter()
+    stop = window.bounds(started)[1]
     outcomes: list[Outcome] = []
     pool = ConnectionPool(url)
 
@@ -107,17 +124,14 @@ async def closed_loop(url: str, texts: list[str], clients: int, seconds: float) 
             outcomes.append(await pool.send(worker, texts))
 
     cpu_started = time.process_time()
-    started = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
-    elapsed = time.perf_counter() - started
     await pool.close()
-    return summarize(outcomes, elapsed, time.process_time() - cpu_started)
+    return summarize(outcomes, window, started, time.process_time() - cpu_started)
 
 
-async def open_loop(url: str, texts: list[str], rate: float, seconds: float, seed: int) -> dict[str, float]:
-    """Poisson arrivals at `rate` per second for `seconds`; waits for every answer. Accepted throughput is
-    the 200s over the span from the first arrival to the last answer (so work still in flight when the
-    arrivals stop is neither lost nor counted as free)."""
+async def open_loop(url: str, texts: list[str], rate: float, window: Window, seed: int) -> dict[str, float]:
+    """Poisson arrivals at `rate` per second until the window closes; waits for every answer, but counts only
+    those given inside the window (see `summarize`)."""
     rng = random.Random(seed)
     outcomes: list[Outcome] = []
     pool = ConnectionPool(url)
@@ -128,30 +142,36 @@ async def open_loop(url: str, texts: list[str], rate: float, seconds: float, see
     cpu_started = time.process_time()
     pending = []
     started = time.perf_counter()
-    end = started + seconds
+    end = window.bounds(started)[1]
     i = 0
     while (now := time.perf_counter()) < end:
         pending.append(asyncio.create_task(one(i)))
         i += 1
         await asyncio.sleep(max(0.0, rng.expovariate(rate) - (time.perf_counter() - now)))
     await asyncio.gather(*pending)
-    elapsed = time.perf_counter() - started
     await pool.close()
-    return summarize(outcomes, elapsed, time.process_time() - cpu_started)
+    return summarize(outcomes, window, started, time.process_time() - cpu_started)
 
 
-def summarize(outcomes: list[Outcome], seconds: float, client_cpu_s: float) -> dict[str, float]:
-    accepted = [latency for status, latency in outcomes if status == 200]
-    unexpected = {status for status, _ in outcomes} - {200, 503, 429, DROPPED}
+def summarize(outcomes: list[Outcome], window: Window, started: float, client_cpu_s: float) -> dict[str, float]:
+    """Rates and shares of the answers given inside the window, the steady state: the load has run `warm_s`
+    already (rows fill the queue and the decoder step) and is still running when it closes (no drain of the
+    rows left in flight, with no arrivals behind them, is counted as the server's time). The client's CPU is
+    over every request of the phase."""
+    opens, closes = window.bounds(started)
+    client_cpu_ms = 1000 * client_cpu_s / max(1, len(outcomes))
+    outcomes = [outcome for outcome in outcomes if opens <= outcome[2] < closes]
+    accepted = [latency for status, latency, _ in outcomes if status == 200]
+    unexpected = {status for status, _, _ in outcomes} - {200, 503, 429, DROPPED}
     if unexpected:
         raise RuntimeError(f"answers other than 200, 503 and 429: {sorted(unexpected)}")
     return {
-        "accepted_per_s": len(accepted) / seconds,
+        "accepted_per_s": len(accepted) / window.seconds,
         "p99_s": percentile(accepted, 99) if len(accepted) >= 2 else float("nan"),
-        "share_503": sum(s == 503 for s, _ in outcomes) / max(1, len(outcomes)),
-        "share_429": sum(s == 429 for s, _ in outcomes) / max(1, len(outcomes)),
-        "share_dropped": sum(s == DROPPED for s, _ in outcomes) / max(1, len(outcomes)),
-        "client_cpu_ms_per_request": 1000 * client_cpu_s / max(1, len(outcomes)),
+        "share_503": sum(s == 503 for s, _, _ in outcomes) / max(1, len(outcomes)),
+        "share_429": sum(s == 429 for s, _, _ in outcomes) / max(1, len(outcomes)),
+        "share_dropped": sum(s == DROPPED for s, _, _ in outcomes) / max(1, len(outcomes)),
+        "client_cpu_ms_per_request": client_cpu_ms,
     }
 
 
@@ -162,8 +182,8 @@ def offered(factor: int) -> str:
 class Phases:
     """The three phases as samplers of accepted requests per second; every run's summary is kept."""
 
-    def __init__(self, url: str, texts: list[str], max_estimate: float, seconds: float, seed: int) -> None:
-        self.url, self.texts, self.seconds, self.seed = url, texts, seconds, seed
+    def __init__(self, url: str, texts: list[str], max_estimate: float, window: Window, seed: int) -> None:
+        self.url, self.texts, self.window, self.seed = url, texts, window, seed
         self.rates = {offered(factor): factor * max_estimate for factor in FACTORS}
         self.runs: dict[str, list[dict[str, float]]] = {MAX: [], **{name: [] for name in self.rates}}
 
@@ -172,10 +192,10 @@ class Phases:
 
     def sample(self, name: str) -> float:
         if name == MAX:
-            run = closed_loop(self.url, self.texts, 2 * BATCH_SIZE, self.seconds)
+            run = closed_loop(self.url, self.texts, 2 * BATCH_SIZE, self.window)
         else:  # a new arrival stream every round and phase
             seed = self.seed + 100 * len(self.runs[name]) + list(self.rates).index(name)
-            run = open_loop(self.url, self.texts, self.rates[name], self.seconds, seed)
+            run = open_loop(self.url, self.texts, self.rates[name], self.window, seed)
         summary = asyncio.run(run)
         self.runs[name].append(summary)
         return summary["accepted_per_s"]
@@ -186,9 +206,12 @@ class Phases:
 
 def main() -> None:
     args = parser(__doc__.splitlines()[0], repeats=3)
-    args.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
+    args.add_argument("--seconds", type=float, default=10.0, help="length of each phase's measured window")
+    args.add_argument("--warm-s", type=float, default=3.0, help="seconds of each phase's load before its window opens")
     options = args.parse_args()
-    repeats, seconds = (1, 1.0) if options.quick else (options.repeats, options.seconds)
+    repeats, window = (
+        (1, Window(0.5, 1.0)) if options.quick else (options.repeats, Window(options.warm_s, options.seconds))
+    )
     texts = input_texts(ByteTokens(), 64, options.seed)
     prompts = random_prompts(TASKS, model_config(options.quick).d_model, options.seed)
     # Rows in flight: a full decoder step and 2 batches waiting for a place in it (see the module's docstring).
@@ -196,9 +219,9 @@ def main() -> None:
     flags = ("--max-queue-size", str(in_flight), "--request-timeout-s", "120")
     with tempfile.TemporaryDirectory() as tmp, checkpoint_server(Path(tmp), options, *flags) as (_, _, url):
         upload_prompts(url, [f"task{i}" for i in range(TASKS)], prompts)
-        asyncio.run(closed_loop(url, texts, BATCH_SIZE, min(seconds, 5)))  # warm-up
-        calibration = asyncio.run(closed_loop(url, texts, 2 * BATCH_SIZE, seconds))["accepted_per_s"]
-        phases = Phases(url, texts, calibration, seconds, options.seed)
+        asyncio.run(closed_loop(url, texts, BATCH_SIZE, Window(0.0, min(window.seconds, 5))))  # warm-up
+        calibration = asyncio.run(closed_loop(url, texts, 2 * BATCH_SIZE, window))["accepted_per_s"]
+        phases = Phases(url, texts, calibration, window, options.seed)
         samples = interleaved(phases.samplers(), repeats)
 
     ratios = {name: Comparison(name, MAX, samples).ratio for name in phases.rates}
@@ -227,7 +250,8 @@ def main() -> None:
         "offered_req_per_s": {name: round(rate, 2) for name, rate in phases.rates.items()},
         "accepted_req_per_s_by_round": {name: [round(v, 2) for v in values] for name, values in samples.items()},
         "rounds": repeats,
-        "seconds_per_phase": seconds,
+        "warm_s_per_phase": window.warm_s,
+        "seconds_per_window": window.seconds,
         "model": model_name(options.quick),
         "device": options.device,
         "dtype": options.dtype,
