@@ -9,9 +9,9 @@ that rate, open-loop (Poisson arrivals, each request one row of ~32 tokens, 4 ne
 `--warm-s` into its load and closes while the load still runs, as `server_vs_raw` does: neither the first
 seconds (the queue filling) nor the drain after the last arrival (the rows left in flight, with nothing behind
 them) count as the server's time. Counting from the first arrival to the last answer charged a phase for its
-drain, and the open-loop phases, whose queue holds twice the closed loop's rows, drain for longer. The ratio of an overload phase is the median over rounds of its accepted throughput (200s per
-second) ÷ the same round's max; the reported ratio is the lower of the
-two (target >= 0.9: overload must not collapse throughput). Per phase, medians over rounds of: the p99
+drain, and the open-loop phases, whose queue holds twice the closed loop's rows, drain for longer. The ratio
+of an overload phase is the median over rounds of its accepted throughput (200s per second) ÷ the same round's
+max; the reported ratio is the lower of the two (target >= 0.9: overload must not collapse throughput). Per phase, medians over rounds of: the p99
 latency of accepted requests, the share of 503 and 429 answers and of requests whose new connection the server
 closed unanswered, and the load generator's CPU time per
 request (it is this process, on the same cores as the server: a lean keep-alive client over pooled connections,
@@ -93,9 +93,11 @@ class ConnectionPool:
                 await connection.close()
                 if reused:
                     continue
-                return DROPPED, time.perf_counter() - started, time.perf_counter()
-            self.idle.append(connection)
-            return status, time.perf_counter() - started, time.perf_counter()
+                status = DROPPED
+            else:
+                self.idle.append(connection)
+            answered = time.perf_counter()
+            return status, answered - started, answered
 
     async def close(self) -> None:
         await asyncio.gather(*(connection.close() for connection in self.idle))

@@ -22,8 +22,9 @@ common.py). The server is measured against the better of the two: the one with t
 
 Rounds alternate (server, raw 32, raw 64, then back); the ratio is the median over rounds of server ÷ the
 better raw side. Target: >= 0.85. A run with a server setting other than the default (`--cpu-threads`,
-`--pass-budget-tokens`) writes `server_vs_raw-threadsN.json` / `server_vs_raw-budgetN.json`. Where the difference goes is reported too: the server's passes from its
-metrics over the measured runs (decoder steps, rows per step, the tokens of each pass's work budget spent),
+`--pass-budget-tokens`) writes `server_vs_raw-threadsN.json` / `server_vs_raw-budgetN.json`. Where the
+difference goes is reported too: the server's passes from its metrics over the measured runs (decoder steps,
+rows per step, the tokens of each pass's work budget spent),
 and CPU time per row of each process (Linux /proc): the API process, the engine process, wrk, and this
 process (the raw side's model).
 """
