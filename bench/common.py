@@ -4,14 +4,16 @@ Every number a benchmark reports is a ratio of two throughputs measured in one r
 both sides run in alternating order (A B, B A, A B, ...) so that drift and noise from other processes
 hit both, and each side is summarised by its median.
 
-Model calls are timed on one dedicated thread, as the server runs its model (the batcher's worker
-thread): on CPU the same `generate` ran about 19% faster on a worker thread than on the main thread
-(12 paired rounds, 2 pinned cores), so a main-thread baseline would flatter the server.
+Models are built, loaded and called on one dedicated thread, as the engine process runs its model (the engine
+thread), and the main thread stays serial (`server.cpus.serial_thread`): libgomp stops spinning between
+parallel regions as soon as two threads of a process have OpenMP teams (server/cpus.py), and a baseline run
+that way would be slower than it can be.
 
-torch's OpenMP reads `OMP_WAIT_POLICY` once, as torch loads, and `import server` sets the server's
-policy (PASSIVE) as a default. A bench imports this module before torch (`import common` sorts first),
-so its in-process servers and model calls run as `softserve serve` runs them; `server_vs_raw` loads torch
-first on purpose, for its raw side. Every result records the policy its process ran under.
+torch's OpenMP reads `OMP_WAIT_POLICY` and `GOMP_SPINCOUNT` once, as torch loads, and `import server` sets
+the server's (a short spin, `GOMP_SPINCOUNT`) as a default. A bench imports this module before torch
+(`import common` sorts first), so its in-process servers and model calls run as `softserve serve` runs them;
+`server_vs_raw` loads torch first on purpose, for its raw side. Every result records the policy its process
+ran under.
 
 Every result is printed as one JSON line, last, and written to `bench/results/NAME.json`
 (`NAME-cuda.json` on a GPU), so a figure in the README can be traced to the run that printed it. A
@@ -46,8 +48,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-POLICY_BEFORE_SERVER = os.environ.get("OMP_WAIT_POLICY")
-"""The wait policy of the environment the bench was started in, before `import server` set the server's."""
+OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+POLICY_BEFORE_SERVER = {name: os.environ.get(name) for name in OPENMP_VARIABLES}
+"""The OpenMP wait settings of the environment the bench was started in, before `import server` set the server's."""
 TORCH_LOADED_BEFORE_SERVER = "torch" in sys.modules
 
 import server  # noqa: E402, F401  (sets the OpenMP wait policy the server runs with, for a torch not yet loaded)
@@ -57,10 +60,19 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 from transformers import ByT5Tokenizer, T5Config  # noqa: E402
 
-OMP_WAIT_POLICY = (
-    POLICY_BEFORE_SERVER if TORCH_LOADED_BEFORE_SERVER else os.environ.get("OMP_WAIT_POLICY")
-) or "unset (libgomp's default: spin a while, then sleep)"
+
+def wait_policy(settings: dict[str, str | None]) -> str:
+    """How libgomp's idle threads wait under these settings, as a result records it."""
+    given = [f"{name}={value}" for name, value in settings.items() if value is not None]
+    return " ".join(given) or "unset (libgomp's default: spin a while, then sleep)"
+
+
+OMP_WAIT_POLICY = wait_policy(
+    POLICY_BEFORE_SERVER if TORCH_LOADED_BEFORE_SERVER else {name: os.environ.get(name) for name in OPENMP_VARIABLES}
+)
 """The wait policy torch's OpenMP threads in this process run under."""
+SERVER_WAIT_POLICY = wait_policy({name: os.environ.get(name) for name in OPENMP_VARIABLES})
+"""The policy of a server this process starts (it inherits the environment `import server` completed)."""
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -68,6 +80,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # `python bench/x.py` puts only bench/ on the path
 
 from prompt_store import PromptFormat, dump_prompt  # noqa: E402
+from server.cpus import serial_thread, usable_cores  # noqa: E402
 from server.serving.model import Decoding, FrozenT5, Row, resolve_device, resolve_dtype  # noqa: E402
 from server.serving.tiny import build_tiny_t5, tiny_config  # noqa: E402
 from server.testing.checkpoints import save_checkpoint, t5_small_config  # noqa: E402
@@ -82,6 +95,7 @@ GREEDY = Decoding()
 
 T = TypeVar("T")
 _MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-model")
+serial_thread()  # the main thread; the model thread takes its torch threads as a model is built or loaded
 
 
 def parser(description: str, repeats: int) -> argparse.ArgumentParser:
@@ -162,12 +176,26 @@ def model_name(quick: bool) -> str:
 
 def build_model(device: str = "cpu", threads: int | None = None, dtype: str = "auto", quick: bool = False) -> FrozenT5:
     """A random model with t5-small-lm-adapt's shapes (`quick`: the `tiny` preset's, see `model_config`) and the
-    byte tokenizer, built in-process."""
-    if threads:
-        torch.set_num_threads(threads)
-    target = resolve_device(device)
-    model, tokenizer = build_tiny_t5(model_config(quick))
-    return FrozenT5(model, tokenizer, model_name(quick), target, resolve_dtype(dtype, target))
+    byte tokenizer, built in-process on the model thread, which takes `threads` torch threads (default: one per
+    usable core)."""
+
+    def build() -> FrozenT5:
+        torch.set_num_threads(threads or usable_cores())
+        target = resolve_device(device)
+        model, tokenizer = build_tiny_t5(model_config(quick))
+        return FrozenT5(model, tokenizer, model_name(quick), target, resolve_dtype(dtype, target))
+
+    return on_model_thread(build)
+
+
+def load_model(name: str, device: str = "cpu", dtype: str = "auto", threads: int | None = None) -> FrozenT5:
+    """`FrozenT5.load` on the model thread, which takes `threads` torch threads (default: one per usable core)."""
+
+    def load() -> FrozenT5:
+        torch.set_num_threads(threads or usable_cores())
+        return FrozenT5.load(name, device, dtype)
+
+    return on_model_thread(load)
 
 
 class Tokenizes(Protocol):

@@ -26,10 +26,13 @@ call with the list, and the timed calls run without it, CTranslate2's fastest pa
 (ids past the tokenizer) but do the same work, since both sides decode exactly `--new-tokens` tokens whatever
 they are.
 
-OpenMP. CTranslate2 ships a libgomp of its own, which reads `OMP_WAIT_POLICY` as it loads: it is imported
-under the policy the bench was started in (usually unset: libgomp's default, spin a while, then sleep), as a
-plain CTranslate2 script runs, while torch's threads run under `softserve serve`'s (PASSIVE, common.py).
-Both are in the JSON result.
+Each side in its own process, as each runs in production. CTranslate2 ships a libgomp of its own, but in a
+process that loaded torch first its OpenMP calls bind to torch's libgomp: the two sides would share one OpenMP
+runtime, with two threads starting teams, and libgomp stops spinning for both when more threads are in teams
+than there are cores (server/cpus.py). So the translator runs in a child process that never loads torch
+(bench/engine_vs_ctranslate2_side.py), started with the OpenMP settings the bench was started in (usually
+none: libgomp's default, spin a while, then sleep), and times its own calls; the engine runs here on the model
+thread alone, under `softserve serve`'s settings (a short spin, common.py). Both policies are in the result.
 
 Per batch size the two sides alternate (ABBA) on the benchmarks' model thread; each ratio is the median over
 rounds of engine ÷ CTranslate2. Target: >= 1.0 at every batch size (and the same tokens); the reported
@@ -41,6 +44,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -49,7 +53,6 @@ from pathlib import Path
 from types import ModuleType
 
 import common  # noqa: F401  (before torch: the server's OpenMP wait policy, see common.py)
-import torch
 from common import (
     INPUT_TOKENS,
     POLICY_BEFORE_SERVER,
@@ -58,12 +61,14 @@ from common import (
     compare,
     environment,
     input_texts,
+    load_model,
     markdown_table,
     model_config,
     on_model_thread,
     parser,
     publish,
     results_file,
+    wait_policy,
 )
 from decode_vs_generate import BATCH_SIZES, ENGINE, EngineLoop, same_tokens, tokens_per_s
 from transformers import T5Config
@@ -74,32 +79,23 @@ from server.testing.checkpoints import save_checkpoint
 TARGET = 1.0  # at every batch size
 CT2 = "ctranslate2"
 FIRST_BYTE_ID = 3  # ByT5: <pad>, </s>, <unk>, then the 256 bytes
+SIDE_SCRIPT = Path(__file__).with_name("engine_vs_ctranslate2_side.py")
 QUICK_VOCAB = 512  # more ids than the tokenizer's 384, as t5-small has (tiny's 259 are fewer: see `checkpoint_config`)
 
 
 def import_ctranslate2() -> ModuleType:
-    """CTranslate2, its libgomp loaded under the policy the bench was started in (see above); exits 2 if absent."""
-    server_policy = os.environ.get("OMP_WAIT_POLICY")
-    set_wait_policy(POLICY_BEFORE_SERVER)
+    """CTranslate2, for its converter (the translator runs in a process of its own); exits 2 if absent."""
     try:
         import ctranslate2
     except ImportError:
         print("engine_vs_ctranslate2: ctranslate2 is not installed; `pip install -e '.[bench]'`", file=sys.stderr)
         sys.exit(2)
-    finally:
-        set_wait_policy(server_policy)
     return ctranslate2
 
 
-def set_wait_policy(policy: str | None) -> None:
-    """Sets `OMP_WAIT_POLICY` for OpenMP runtimes loaded from now on (`None`: unset)."""
-    os.environ.pop("OMP_WAIT_POLICY", None)
-    if policy is not None:
-        os.environ["OMP_WAIT_POLICY"] = policy
-
-
 class CTranslate2Side:
-    """The checkpoint converted for CTranslate2, with a vocabulary that names every id once, and a translator."""
+    """The checkpoint converted for CTranslate2, with a vocabulary that names every id once, and a translator in
+    a process of its own (bench/engine_vs_ctranslate2_side.py), under the OpenMP settings the bench started in."""
 
     def __init__(self, ctranslate2: ModuleType, checkpoint: Path, directory: Path, model: FrozenT5, threads: int):
         ctranslate2.converters.TransformersConverter(str(checkpoint)).convert(str(directory), force=True)
@@ -112,27 +108,49 @@ class CTranslate2Side:
         vocabulary_file.write_text(json.dumps(self.vocabulary))
         self.ids = {token: i for i, token in enumerate(self.vocabulary)}
         self.banned = [[token] for token in self.vocabulary[decodable:]]
-        self.translator = ctranslate2.Translator(
-            str(directory),
-            device=model.device.type,
-            compute_type=str(model.dtype).removeprefix("torch."),
-            inter_threads=1,
-            intra_threads=threads,
+        environment = {name: value for name, value in os.environ.items() if name not in POLICY_BEFORE_SERVER}
+        environment |= {name: value for name, value in POLICY_BEFORE_SERVER.items() if value is not None}
+        compute_type = str(model.dtype).removeprefix("torch.")
+        command = [sys.executable, str(SIDE_SCRIPT), str(directory), model.device.type, compute_type, str(threads)]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environment
         )
+        self.version = self._answer()["version"]
+
+    def _answer(self) -> dict:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the CTranslate2 process ended (exit status {self.process.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
 
     def tokens(self, ids: Sequence[int]) -> list[str]:
         return [self.vocabulary[i] for i in ids]
 
+    def translate(
+        self, sources: list[list[str]], new_tokens: int, as_engine: bool = False
+    ) -> tuple[list[list[int]], float]:
+        """Greedy ids of each source, exactly `new_tokens` (`as_engine`: none past the tokenizer, as the engine),
+        and the seconds the translator took."""
+        assert self.process.stdin is not None
+        request = {"sources": sources, "new_tokens": new_tokens, "suppress": self.banned if as_engine else None}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        answer = self._answer()
+        return [[self.ids[token] for token in tokens] for tokens in answer["tokens"]], answer["seconds"]
+
     def decode(self, sources: list[list[str]], new_tokens: int, as_engine: bool = False) -> list[list[int]]:
-        """Greedy ids of each source, exactly `new_tokens`; `as_engine`: none past the tokenizer, as the engine."""
-        results = self.translator.translate_batch(
-            sources,
-            beam_size=1,
-            min_decoding_length=new_tokens,
-            max_decoding_length=new_tokens,
-            suppress_sequences=self.banned if as_engine else None,
-        )
-        return [[self.ids[token] for token in result.hypotheses[0]] for result in results]
+        return self.translate(sources, new_tokens, as_engine)[0]
+
+    def tokens_per_s(self, sources: list[list[str]], new_tokens: int, calls: int) -> float:
+        """New tokens per second of `calls` calls, timed in the translator's process."""
+        seconds = sum(self.translate(sources, new_tokens)[1] for _ in range(calls))
+        return len(sources) * new_tokens * calls / seconds
 
 
 def checkpoint_config(quick: bool) -> T5Config:
@@ -168,12 +186,11 @@ def main(argv: list[str] | None = None) -> None:
     args.add_argument("--calls", type=int, default=1, help="calls of each side per sample")
     opts = args.parse_args(argv)
     repeats, new_tokens, calls = (1, 8, 1) if opts.quick else (opts.repeats, opts.new_tokens, opts.calls)
-    torch.set_num_threads(opts.threads)
 
     largest = max(BATCH_SIZES)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = save_checkpoint(checkpoint_config(opts.quick), Path(tmp) / "model")
-        model = FrozenT5.load(str(checkpoint), opts.device, opts.dtype)
+        model = load_model(str(checkpoint), opts.device, opts.dtype, opts.threads)
         reference = CTranslate2Side(ctranslate2, checkpoint, Path(tmp) / "ctranslate2", model, opts.threads)
     embeddings = model.model.get_input_embeddings().weight.detach()
     prompt_ids = prompt_token_ids(largest, opts.seed)
@@ -192,9 +209,10 @@ def main(argv: list[str] | None = None) -> None:
         agreement[batch], prefix[batch] = same_tokens(ours, theirs, new_tokens), same_prefix(ours, theirs)
         comparisons[batch] = compare(
             (ENGINE, partial(tokens_per_s, loop.decode, rows, new_tokens, calls)),
-            (CT2, partial(tokens_per_s, reference.decode, sources, new_tokens, calls)),
+            (CT2, partial(reference.tokens_per_s, sources, new_tokens, calls)),
             repeats,
         )
+    reference.close()
 
     headers = ["batch", "engine loop tokens/s", "ctranslate2 tokens/s", "ratio (median of rounds)", "same tokens"]
     table = [[b, c.median(ENGINE), c.median(CT2), c.ratio, agreement[b]] for b, c in comparisons.items()]
@@ -215,9 +233,9 @@ def main(argv: list[str] | None = None) -> None:
         "new_tokens": new_tokens,
         "calls_per_sample": calls,
         "rounds": repeats,
-        "ctranslate2_version": ctranslate2.__version__,
+        "ctranslate2_version": reference.version,
         "ctranslate2_threads": {"intra": opts.threads, "inter": 1},
-        "ctranslate2_omp_wait_policy": POLICY_BEFORE_SERVER or "unset (libgomp's default: spin a while, then sleep)",
+        "ctranslate2_omp_wait_policy": wait_policy(POLICY_BEFORE_SERVER),
         **environment(model, opts.quick),
     }
     publish(result, results_file(opts, "engine_vs_ctranslate2"))

@@ -29,6 +29,7 @@ from common import (
     build_model,
     environment,
     input_texts,
+    load_model,
     markdown_table,
     parser,
     percentile,
@@ -38,7 +39,6 @@ from common import (
 )
 
 from prompt_store import PromptFormat, dump_prompt
-from server.serving.model import FrozenT5
 from server.settings import Settings
 from server.testing.processes import running_server
 from server.testing.redis_server import RedisServer
@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     opts = args.parse_args(argv)
     uploads = 3 if opts.quick else max(opts.repeats, 50)  # quick: a few (a percentile needs two)
 
-    model = (
-        build_model(opts.device, quick=opts.quick) if opts.model == "t5-small" else FrozenT5.load("tiny", opts.device)
-    )
+    model = build_model(opts.device, quick=opts.quick) if opts.model == "t5-small" else load_model("tiny", opts.device)
     text = input_texts(model, 1, opts.seed)[0]
     series = {  # name -> (replica index asked, whether it asks with a model call)
         "A → B: first generate with it": (1, True),

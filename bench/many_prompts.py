@@ -39,7 +39,9 @@ from common import (
     compare,
     environment,
     input_texts,
+    load_model,
     markdown_table,
+    on_model_thread,
     parser,
     report,
     results_file,
@@ -49,7 +51,7 @@ from common import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from prompt_store import RedisStore, SoftPrompt
-from server.serving.model import Decoding, FrozenT5
+from server.serving.model import Decoding
 from server.settings import Settings
 from server.testing.processes import running_server
 from server.testing.redis_server import RedisServer
@@ -145,15 +147,13 @@ def main(argv: list[str] | None = None) -> None:
         opts.prompts, opts.traffic_tasks, opts.cache_prompts = 300, 100, 26
         opts.repeats, opts.warm, opts.measured = 1, BATCH_SIZE, 2 * BATCH_SIZE
 
-    model = (
-        build_model(opts.device, quick=opts.quick) if opts.model == "t5-small" else FrozenT5.load("tiny", opts.device)
-    )
+    model = build_model(opts.device, quick=opts.quick) if opts.model == "t5-small" else load_model("tiny", opts.device)
     texts = input_texts(model, BATCH_SIZE, opts.seed)
     rows = rows_for(model, [torch.randn(PROMPT_LENGTH, model.d_model) * 3.0] * BATCH_SIZE, texts)
     if opts.model == "t5-small":
         warm_up(model, rows)  # also checks that every row decodes all MAX_NEW_TOKENS steps
     else:
-        model.generate(rows, Decoding(), [MAX_NEW_TOKENS] * len(rows))
+        on_model_thread(model.generate, rows, Decoding(), [MAX_NEW_TOKENS] * len(rows))
     prompt_bytes = PROMPT_LENGTH * model.d_model * torch.finfo(model.dtype).bits // 8
     cache_mb = {
         "small": opts.cache_prompts * prompt_bytes / 2**20,

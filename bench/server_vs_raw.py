@@ -1,12 +1,13 @@
 """End-to-end HTTP throughput of the server ÷ the raw model's best throughput on the same rows (batch 32 or 64).
 
 Each side runs as it really would. The server side is a real `softserve serve` process serving a random
-model with t5-small's shapes, saved as a checkpoint: like every `softserve serve` it sets
-`OMP_WAIT_POLICY=PASSIVE` before torch loads and sets its torch threads from `--cpu-threads` (default:
-one per usable core). The raw side is this process, a plain script: it loads torch before anything imports
+model with t5-small's shapes, saved as a checkpoint: like every `softserve serve` it sets a short OpenMP
+spin (`GOMP_SPINCOUNT`) before torch loads and sets its torch threads from `--cpu-threads` (default: one
+per usable core). The raw side is this process, a plain script: it loads torch before anything imports
 `server` (the first import below), so its OpenMP threads keep the policy of the environment the bench was
-started in (usually unset), and torch's default threads (one per core); it loads the same checkpoint
-with `FrozenT5.load` and calls `FrozenT5.generate` directly. Both policies are in the JSON result.
+started in (usually unset), and one thread per usable core; it loads the same checkpoint with
+`FrozenT5.load` and calls `FrozenT5.generate` directly, both on the model thread (common.py). Both policies
+are in the JSON result.
 
 Server side: 32 prompts of 20 tokens uploaded with `PUT /v1/prompts/{task_id}` as safetensors; wrk, the C
 load generator (`bench/wrk_generate.lua`, one thread), keeps 64 keep-alive connections busy, each sending the
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import torch  # isort: skip  (first, before `server` sets the server's OpenMP wait policy: see above)
 
-import os
 import statistics
 import sys
 import tempfile
@@ -46,6 +46,7 @@ import httpx
 from common import (
     BATCH_SIZE,
     MAX_NEW_TOKENS,
+    SERVER_WAIT_POLICY,
     TORCH_LOADED_BEFORE_SERVER,
     Comparison,
     Wrk,
@@ -56,6 +57,7 @@ from common import (
     generate_throughput,
     input_texts,
     interleaved,
+    load_model,
     markdown_table,
     on_model_thread,
     parser,
@@ -220,8 +222,6 @@ def main(argv: list[str] | None = None) -> None:
         args.error(f"--raw-rows must be a multiple of {max(RAW_BATCHES)}")
     if not TORCH_LOADED_BEFORE_SERVER:
         raise RuntimeError("torch must load before `server` here, or the raw side runs under the server's policy")
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     flags = ("--max-wait-ms", str(opts.max_wait_ms), "--cpu-threads", str(opts.cpu_threads))
     variant = [f"threads{opts.cpu_threads}"] if opts.cpu_threads != Settings().cpu_threads else []
     if opts.pass_budget_tokens is not None:
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         variant.append(f"budget{opts.pass_budget_tokens}")
 
     with tempfile.TemporaryDirectory() as tmp, checkpoint_server(Path(tmp), opts, *flags) as (checkpoint, pid, url):
-        model = FrozenT5.load(str(checkpoint), opts.device, opts.dtype)
+        model = load_model(str(checkpoint), opts.device, opts.dtype, opts.threads)
         prompts = random_prompts(TASKS, model.d_model, opts.seed)
         texts = input_texts(model, CONNECTIONS, opts.seed)
         task_ids = [f"task-{i:02d}" for i in range(TASKS)]
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         median_latency_s=round(latency, 3),
         server_passes={name: round(value, 4) for name, value in passes.items()},
         cpu_ms_per_row={side: meter.per_row_ms() for side, meter in meters.items()},
-        server_omp_wait_policy=os.environ["OMP_WAIT_POLICY"],  # the server inherits this process's environment
+        server_omp_wait_policy=SERVER_WAIT_POLICY,
         raw_omp_wait_policy=environment_fields.pop("omp_wait_policy"),
         **environment_fields,
     )

@@ -265,6 +265,22 @@ def test_a_child_that_cannot_load_its_model_fails_start_with_the_reason(tmp_path
     asyncio.run(scenario())
 
 
+def test_the_engine_thread_is_the_only_one_that_starts_an_openmp_team(tiny: FrozenT5) -> None:
+    """libgomp stops spinning between parallel regions once more threads are in OpenMP teams than there are
+    cores, so the engine process loads its model on a serial thread and runs it on the engine thread alone
+    (server/cpus.py). Counted from outside: with `--cpu-threads 3` the child has exactly 2 threads more than with
+    1, after a warm-up and a row: one team of 3. A second team (the loading thread's) would add 2 more."""
+
+    async def threads_after_a_row(cpu_threads: int) -> int:
+        async with linked(engine_settings(cpu_threads=cpu_threads, warmup=True)) as (link, recorder):
+            link.submit([greedy_row(1, 1, tiny.d_model)])
+            await recorder.until(lambda: recorder.finished(1))
+            assert link.child is not None
+            return len(os.listdir(f"/proc/{link.child.pid}/task"))
+
+    assert asyncio.run(threads_after_a_row(3)) - asyncio.run(threads_after_a_row(1)) == 2
+
+
 @pytest.mark.timing
 def test_a_killed_child_is_reported_down_then_restarted_and_serves_again(tiny: FrozenT5) -> None:
     async def scenario() -> None:

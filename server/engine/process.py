@@ -50,6 +50,7 @@ from pathlib import Path
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from server.cpus import serial_thread
 from server.engine.curve import EngineKeysError, secure_server, wire_keys
 from server.engine.engine import Engine
 from server.engine.limits import engine_limits
@@ -325,11 +326,17 @@ def bind_router(
 
 
 def load_model(settings: Settings) -> FrozenT5:
-    model = FrozenT5.load(settings.model, settings.device, settings.dtype)
+    """Loads the model on this (the I/O) thread, which stays serial: the model's threads are the engine thread's
+    (`prepare_model`), the only thread that runs it (server/cpus.py)."""
+    serial_thread()
+    return FrozenT5.load(settings.model, settings.device, settings.dtype)
+
+
+def prepare_model(model: FrozenT5, settings: Settings) -> None:
+    """On the engine thread, before its first pass: its torch threads, and the warm-up."""
     model.use_cpu_threads(settings.cpu_threads)
     if settings.warmup:
         model.warmup()
-    return model
 
 
 def run_engine_process(settings: Settings, address: str, parent_pid: int | None = None) -> None:
@@ -361,9 +368,14 @@ def run_engine_process(settings: Settings, address: str, parent_pid: int | None 
     engine_id = uuid.uuid4().hex
     server = EngineServer(bound.router, ClientTable(engine, engine_id), outbox, wake_in)
     failure: list[BaseException] = []
-    thread = threading.Thread(target=_run_engine, args=(engine, stop, failure), name="softserve-engine")
+    ready = threading.Event()
+    thread = threading.Thread(
+        target=_run_engine, args=(engine, settings, ready, stop, failure), name="softserve-engine"
+    )
     thread.start()
-    log.info("engine %s ready at %s (model %s on %s)", engine_id[:8], address, model.model_id, model.device)
+    ready.wait()  # the model prepared, or the loop failed (`stop` is then set and `serve` returns at once)
+    if not failure:
+        log.info("engine %s ready at %s (model %s on %s)", engine_id[:8], address, model.model_id, model.device)
     try:
         server.serve(stop, parent_pid)
     finally:
@@ -376,13 +388,18 @@ def run_engine_process(settings: Settings, address: str, parent_pid: int | None 
         raise SystemExit(f"error: the engine loop failed: {type(failure[0]).__name__}: {failure[0]}")
 
 
-def _run_engine(engine: Engine, stop: threading.Event, failure: list[BaseException]) -> None:
+def _run_engine(
+    engine: Engine, settings: Settings, ready: threading.Event, stop: threading.Event, failure: list[BaseException]
+) -> None:
     try:
+        prepare_model(engine.model, settings)
+        ready.set()
         engine.run(stop)
     except BaseException as error:
         log.exception("the engine loop failed")
         failure.append(error)
         stop.set()
+        ready.set()
 
 
 def main(argv: list[str] | None = None) -> None:
