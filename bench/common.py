@@ -94,8 +94,10 @@ BATCH_SIZE = 32
 GREEDY = Decoding()
 
 T = TypeVar("T")
-_MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-model")
-serial_thread()  # the main thread; the model thread takes its torch threads as a model is built or loaded
+serial_thread()  # the main thread; the model thread has threads of its own, one per usable core unless set
+_MODEL_THREAD = ThreadPoolExecutor(
+    max_workers=1, thread_name_prefix="bench-model", initializer=lambda: torch.set_num_threads(usable_cores())
+)
 
 
 def parser(description: str, repeats: int) -> argparse.ArgumentParser:
@@ -388,7 +390,7 @@ def environment(model: FrozenT5, quick: bool) -> dict[str, object]:
         "model": model_name(quick),
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": on_model_thread(torch.get_num_threads),
         "omp_wait_policy": OMP_WAIT_POLICY,
         "quick": quick,
     }

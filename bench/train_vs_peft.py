@@ -6,7 +6,7 @@ same Adafactor settings. A step is zero_grad + forward + loss + backward + optim
 interleaved (alternating which goes first each round) so machine noise hits both alike; the ratio is the
 median over rounds of softserve's step time ÷ PEFT's (target <= 1.0). Prints a markdown table and then one
 JSON line, last: {"bench": "train_vs_peft", "ratio": ..., ...}. Both sides share this process and so one
-OpenMP wait policy, the server's (PASSIVE, as a training worker runs; recorded in the result).
+OpenMP wait policy, the server's (a short spin, as a training worker runs; recorded in the result).
 
     python bench/train_vs_peft.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats N]
 """
@@ -22,6 +22,7 @@ import common  # noqa: F401  (before torch: see common.py)
 import torch
 from common import OMP_WAIT_POLICY, model_config, model_name, parser, publish, results_file
 
+from server.cpus import usable_cores
 from server.serving.model import FrozenT5, resolve_device, resolve_dtype
 from server.serving.tiny import build_tiny_t5
 from server.training import ADAFACTOR_SETTINGS, PromptTrainer, TrainingConfig
@@ -75,8 +76,7 @@ def main() -> None:
     rounds = 2 if args.quick else args.repeats  # quick: one round in each order
     input_len = args.input_len or (64 if args.quick else 128)
     warmup = 1 if args.quick else 3
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or usable_cores())  # the model runs on this thread (common.py keeps it serial)
 
     from peft import PromptTuningConfig, TaskType, get_peft_model
     from transformers.optimization import Adafactor
